@@ -1,0 +1,210 @@
+"""Decoder-only transformer in plain PyTorch: GPT-2/3 style (`arch: gpt`) and Llama style (`arch: llama`).
+
+No parallelism, no DeepSpeed, no I/O: tensor parallelism, activation checkpointing and ZeRO are applied from
+outside. Parameter names and layouts follow Hugging Face's conventions closely enough that conversion is a
+renaming (GPT-2's Conv1D weights are transposed on export).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, resolve_model_defaults
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    t = torch.arange(max_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # "rotate half" layout, as Hugging Face's Llama
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.kv_heads = cfg.num_heads, cfg.kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        bias = cfg.arch == "gpt"
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.arch == "llama"
+
+    def forward(self, x, rope=None, cache=None):
+        b, s, _ = x.shape
+        # Head counts come from the weights, so a tensor-parallel shard (fewer heads) runs the same code.
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            if cache.get("k") is not None:
+                past = cache["k"].shape[2]
+                k = torch.cat([cache["k"], k], dim=2)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across its query group
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        else:
+            mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.arch == "llama"
+        bias = not self.gated
+        if self.gated:  # SwiGLU
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        norm = (lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps)) if cfg.arch == "llama" else \
+            (lambda: nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps))
+        self.input_norm = norm()
+        self.attn = Attention(cfg)
+        self.post_attn_norm = norm()
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.drop(self.attn(self.input_norm(x), rope, cache))
+        return x + self.drop(self.mlp(self.post_attn_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        resolve_model_defaults(cfg)
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset (it is normally taken from the data manifest)")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.arch == "gpt":
+            self.embed_positions = nn.Embedding(cfg.seq_len, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else \
+            nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_activations = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2·layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def _rope(self, start: int, length: int):
+        if self.cfg.arch != "llama":
+            return None
+        return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
+
+    def forward(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int = 0) -> torch.Tensor:
+        """tokens [batch, seq] → logits [batch, seq, vocab]. `caches` (one dict per layer) enables KV caching."""
+        s = tokens.shape[1]
+        if start_pos + s > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start_pos + s} tokens exceeds model.seq_len {self.cfg.seq_len}")
+        h = self.embed_tokens(tokens)
+        if self.cfg.arch == "gpt":
+            h = h + self.embed_positions(torch.arange(start_pos, start_pos + s, device=tokens.device))
+        h = self.drop(h)
+        rope = self._rope(start_pos, s)
+        for i, layer in enumerate(self.layers):
+            cache = caches[i] if caches is not None else None
+            if self.checkpoint_activations and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, use_reentrant=False)
+            else:
+                h = layer(h, rope, cache)
+        return self.lm_head(self.norm(h))
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over unmasked positions, computed in fp32."""
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.reshape(-1).float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
+    """Build the unsharded model; with `seed` the initial weights are the same in every process."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Transformer(cfg)
+    return Transformer(cfg)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token: 6·N (forward + backward matmuls over the non-embedding parameters N, plus the
+    output projection) + 12·L·h·s for attention scores and values (forward 2·2·L·h·s, backward twice that),
+    as in the PaLM appendix and torchtitan."""
+    resolve_model_defaults(cfg)
+    h, L, s, f = cfg.hidden_size, cfg.num_layers, cfg.seq_len, cfg.ffn_hidden_size
+    head_dim = h // cfg.num_heads
+    attn = h * h + 2 * h * cfg.kv_heads * head_dim + h * h
+    mlp = (3 if cfg.arch == "llama" else 2) * h * f
+    n = L * (attn + mlp) + h * cfg.vocab_size
+    return 6.0 * n + 12.0 * L * h * s

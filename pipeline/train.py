@@ -1,0 +1,236 @@
+"""`python -m pipeline.train --config configs/X.yaml [key=value ...]`: pretrain under the DeepSpeed engine.
+
+Launch with torchrun, the deepspeed launcher, mpirun/srun, or plainly for one process. Resumes from
+`checkpoint.dir/latest` when it exists. Exit codes: 0 done, 1 error, 85 checkpointed on a signal (requeue me).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+import warnings
+
+EXIT_REQUEUE = 85
+log = logging.getLogger("pipeline")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=100")
+    return p.parse_args(argv)
+
+
+def prepare_config(args):
+    """Load, fill data-derived values and validate, before any process group starts."""
+    from .config import load_config, validate
+    from .data import TokenDocuments
+    from .dist import world_size_from_env
+
+    cfg = load_config(args.config, args.overrides)
+    docs = [TokenDocuments(d["path"]) for d in cfg.data.datasets]
+    tokenizers = {d.tokenizer["sha256"] for d in docs if d.tokenizer}
+    if len(tokenizers) > 1:
+        raise ValueError("data.datasets were tokenized with different tokenizers; re-tokenize them with one")
+    if cfg.model.vocab_size is None:
+        if not docs[0].tokenizer:
+            raise ValueError("model.vocab_size is unset and the first dataset has no manifest to take it from")
+        cfg.model.vocab_size = docs[0].tokenizer["vocab_size"]
+    validate(cfg, world_size_from_env())
+    return cfg, docs
+
+
+class LRSchedule:
+    """Linear warmup to `lr`, then cosine/linear decay to `min_lr` at `steps` (a multiplier for LambdaLR)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __call__(self, step: int) -> float:
+        t = self.t
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.decay_style == "constant":
+            return 1.0
+        frac = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.decay_style == "cosine" else 1 - frac
+        return (t.min_lr + (t.lr - t.min_lr) * decay) / t.lr
+
+
+def build_optimizer(model, t):
+    import torch
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(t))
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM; agreed across ranks each step so that all stop at the same step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def agreed(self) -> bool:
+        import torch
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1.0 if self.raised else 0.0])
+        if tdist.is_initialized():
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def run(cfg, docs) -> int:
+    import deepspeed
+    import torch
+
+    from . import checkpoint, dist
+    from .data import GPTDataset, batch_for_rank
+    from .ds_config import build_ds_config
+    from .metrics import Metrics, peak_tflops
+    from .model import build_model, flops_per_token, lm_loss, num_params
+
+    dist.init_distributed(cfg.train.dist_timeout_s)
+    rank, world = dist.rank(), dist.world_size()
+    dp = world  # tensor and pipeline parallelism arrive with their own groups
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    model.checkpoint_activations = cfg.parallel.activation_checkpointing
+    n_params = num_params(model)
+    optimizer, scheduler = build_optimizer(model, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_ds_config(cfg, dp))
+    if rank == 0:
+        log.info("model: %s, %.2fM parameters; world %d (dp %d); %s", cfg.model.arch, n_params / 1e6,
+                 world, dp, cfg.train.precision)
+
+    t = cfg.train
+    dataset = GPTDataset(docs[0], cfg.model.seq_len, t.steps * t.global_batch_size, cfg.data.seed, cfg.data.split)
+    valid = None
+    if t.eval_interval > 0:
+        valid = GPTDataset(docs[0], cfg.model.seq_len, t.eval_iters * t.global_batch_size, cfg.data.seed,
+                           cfg.data.split, "valid")
+    fingerprint = docs[0].fingerprint()
+
+    step, consumed = 0, 0
+    tag = checkpoint.resolve_tag(cfg.checkpoint.dir)
+    if tag is not None:
+        state = checkpoint.load(engine, cfg.checkpoint.dir, tag)
+        step, consumed = state["step"], state["consumed_samples"]
+        if rank == 0:
+            log.info("resumed from %s at step %d (%d samples consumed)", tag, step, consumed)
+    if rank == 0:
+        os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+        tok = docs[0].tokenizer
+        if tok and not os.path.exists(os.path.join(cfg.checkpoint.dir, "tokenizer.model")):
+            shutil.copyfile(tok["path"], os.path.join(cfg.checkpoint.dir, "tokenizer.model"))
+
+    metrics = Metrics(cfg.log.jsonl, cfg.log.tensorboard_dir, enabled=rank == 0)
+    stop = StopFlag() if cfg.checkpoint.save_on_signal else None
+    micro, gas = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_len
+    fpt = flops_per_token(cfg.model)
+    device = engine.device
+    peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+    def save():
+        checkpoint.save(engine, cfg.checkpoint.dir, step,
+                        {"step": step, "consumed_samples": consumed, "data_fingerprint": fingerprint,
+                         "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep)
+
+    def evaluate():
+        engine.eval()
+        losses = []
+        with torch.no_grad():
+            for k in range(t.eval_iters):
+                batch = torch.from_numpy(batch_for_rank(valid, k, t.global_batch_size, rank, dp)).to(device)
+                for mb in batch.split(micro):
+                    losses.append(lm_loss(engine(mb[:, :-1]), mb[:, 1:]).item())
+        engine.train()
+        loss = torch.tensor(sum(losses) / len(losses))
+        if world > 1:
+            torch.distributed.all_reduce(loss)
+            loss /= world
+        metrics.write({"split": "valid", "step": step, "loss": loss.item(), "ppl": math.exp(min(loss.item(), 50))})
+
+    engine.train()
+    t_last = time.time()
+    code = 0
+    while step < t.steps:
+        batch = torch.from_numpy(batch_for_rank(dataset, step, t.global_batch_size, rank, dp)).to(device)
+        total = torch.zeros((), device=device)
+        for mb in batch.split(micro):
+            loss = lm_loss(engine(mb[:, :-1]), mb[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach()
+        step += 1
+        consumed += t.global_batch_size
+        if step % cfg.log.interval == 0 or step == t.steps:
+            total = total / gas
+            if world > 1:
+                torch.distributed.all_reduce(total)
+                total /= world
+            now = time.time()
+            elapsed = (now - t_last) / (cfg.log.interval if step % cfg.log.interval == 0 else 1)
+            t_last = now
+            tps = tokens_per_step / elapsed
+            tflops = fpt * tps / world / 1e12
+            gn = engine.get_global_grad_norm()
+            metrics.write({"step": step, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(gn) if gn is not None else None, "consumed_samples": consumed,
+                           "tokens": consumed * cfg.model.seq_len, "tokens_per_sec": tps, "tflops": tflops,
+                           "mfu": tflops / peak if peak else None, "step_time_s": elapsed,
+                           "mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0})
+        if valid is not None and step % t.eval_interval == 0:
+            evaluate()
+        if stop is not None and stop.agreed():
+            save()
+            code = EXIT_REQUEUE
+            if rank == 0:
+                log.info("stopped by signal at step %d; checkpoint committed, exiting with %d", step, code)
+            break
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
+            save()
+    else:
+        if checkpoint.resolve_tag(cfg.checkpoint.dir) != checkpoint.tag_for(step):
+            save()
+    metrics.close()
+    return code
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    log.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    args = parse_args(argv)
+    try:
+        cfg, docs = prepare_config(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from . import dist
+
+    code = run(cfg, docs)
+    dist.exit_cleanly(code)
+
+
+if __name__ == "__main__":
+    main()

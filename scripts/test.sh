@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Create the environment if needed and run the whole test suite (extra arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest tests "$@"
