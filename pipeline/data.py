@@ -140,3 +140,14 @@ def batch_for_rank(dataset, step: int, global_batch: int, dp_rank: int, dp_size:
     per_rank = global_batch // dp_size
     first = step * global_batch + dp_rank * per_rank
     return np.stack([dataset[i % len(dataset)] for i in range(first, first + per_rank)])
+
+
+def build_datasets(cfg, docs: list[TokenDocuments]) -> tuple[GPTDataset, GPTDataset | None]:
+    """The train dataset sized for `train.steps` global batches, and the valid one for evaluation (or None)."""
+    t = cfg.train
+    train = GPTDataset(docs[0], cfg.model.seq_len, t.steps * t.global_batch_size, cfg.data.seed, cfg.data.split)
+    valid = None
+    if t.eval_interval > 0:
+        valid = GPTDataset(docs[0], cfg.model.seq_len, t.eval_iters * t.global_batch_size, cfg.data.seed,
+                           cfg.data.split, "valid")
+    return train, valid

@@ -64,18 +64,6 @@ class LRSchedule:
         return (t.min_lr + (t.lr - t.min_lr) * decay) / t.lr
 
 
-def build_optimizer(model, t):
-    import torch
-
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(t))
-
-
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; agreed across ranks each step so that all stop at the same step."""
 
@@ -98,41 +86,30 @@ class StopFlag:
 
 
 def run(cfg, docs) -> int:
-    import deepspeed
     import torch
 
     from . import checkpoint, dist
-    from .data import GPTDataset, batch_for_rank
-    from .ds_config import build_ds_config
+    from .data import build_datasets, batch_for_rank
+    from .engine import build_engine
     from .metrics import Metrics, peak_tflops
-    from .model import build_model, flops_per_token, lm_loss, num_params
+    from .model import flops_per_token
 
     dist.init_distributed(cfg.train.dist_timeout_s)
     rank, world = dist.rank(), dist.world_size()
-    dp = world  # tensor and pipeline parallelism arrive with their own groups
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, seed=cfg.train.seed)
-    model.checkpoint_activations = cfg.parallel.activation_checkpointing
-    n_params = num_params(model)
-    optimizer, scheduler = build_optimizer(model, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_ds_config(cfg, dp))
-    if rank == 0:
-        log.info("model: %s, %.2fM parameters; world %d (dp %d); %s", cfg.model.arch, n_params / 1e6,
-                 world, dp, cfg.train.precision)
-
+    engine = build_engine(cfg)
+    dp_rank, dp = engine.dp_rank, engine.dp_size
     t = cfg.train
-    dataset = GPTDataset(docs[0], cfg.model.seq_len, t.steps * t.global_batch_size, cfg.data.seed, cfg.data.split)
-    valid = None
-    if t.eval_interval > 0:
-        valid = GPTDataset(docs[0], cfg.model.seq_len, t.eval_iters * t.global_batch_size, cfg.data.seed,
-                           cfg.data.split, "valid")
+    if rank == 0:
+        log.info("model: %s, %.2fM parameters; world %d (dp %d, tp %d, pp %d); %s", cfg.model.arch,
+                 engine.num_params / 1e6, world, dp, cfg.parallel.tp, cfg.parallel.pp, t.precision)
+    train_ds, valid_ds = build_datasets(cfg, docs)
     fingerprint = docs[0].fingerprint()
 
     step, consumed = 0, 0
     tag = checkpoint.resolve_tag(cfg.checkpoint.dir)
     if tag is not None:
-        state = checkpoint.load(engine, cfg.checkpoint.dir, tag)
+        state = checkpoint.load(engine.engine, cfg.checkpoint.dir, tag)
         step, consumed = state["step"], state["consumed_samples"]
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag, step, consumed)
@@ -144,62 +121,38 @@ def run(cfg, docs) -> int:
 
     metrics = Metrics(cfg.log.jsonl, cfg.log.tensorboard_dir, enabled=rank == 0)
     stop = StopFlag() if cfg.checkpoint.save_on_signal else None
-    micro, gas = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp)
     tokens_per_step = t.global_batch_size * cfg.model.seq_len
     fpt = flops_per_token(cfg.model)
-    device = engine.device
     peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
     def save():
-        checkpoint.save(engine, cfg.checkpoint.dir, step,
+        checkpoint.save(engine.engine, cfg.checkpoint.dir, step,
                         {"step": step, "consumed_samples": consumed, "data_fingerprint": fingerprint,
                          "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep)
 
     def evaluate():
-        engine.eval()
-        losses = []
-        with torch.no_grad():
-            for k in range(t.eval_iters):
-                batch = torch.from_numpy(batch_for_rank(valid, k, t.global_batch_size, rank, dp)).to(device)
-                for mb in batch.split(micro):
-                    losses.append(lm_loss(engine(mb[:, :-1]), mb[:, 1:]).item())
-        engine.train()
-        loss = torch.tensor(sum(losses) / len(losses))
-        if world > 1:
-            torch.distributed.all_reduce(loss)
-            loss /= world
-        metrics.write({"split": "valid", "step": step, "loss": loss.item(), "ppl": math.exp(min(loss.item(), 50))})
+        losses = [engine.eval_loss(torch.from_numpy(batch_for_rank(valid_ds, k, t.global_batch_size, dp_rank, dp)))
+                  for k in range(t.eval_iters)]
+        loss = sum(losses) / len(losses)
+        metrics.write({"split": "valid", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50))})
 
-    engine.train()
-    t_last = time.time()
-    code = 0
+    t_last, code = time.time(), 0
     while step < t.steps:
-        batch = torch.from_numpy(batch_for_rank(dataset, step, t.global_batch_size, rank, dp)).to(device)
-        total = torch.zeros((), device=device)
-        for mb in batch.split(micro):
-            loss = lm_loss(engine(mb[:, :-1]), mb[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach()
+        loss = engine.train_step(torch.from_numpy(batch_for_rank(train_ds, step, t.global_batch_size, dp_rank, dp)))
         step += 1
         consumed += t.global_batch_size
         if step % cfg.log.interval == 0 or step == t.steps:
-            total = total / gas
-            if world > 1:
-                torch.distributed.all_reduce(total)
-                total /= world
             now = time.time()
             elapsed = (now - t_last) / (cfg.log.interval if step % cfg.log.interval == 0 else 1)
             t_last = now
             tps = tokens_per_step / elapsed
             tflops = fpt * tps / world / 1e12
-            gn = engine.get_global_grad_norm()
-            metrics.write({"step": step, "loss": total.item(), "lr": scheduler.get_last_lr()[0],
-                           "grad_norm": float(gn) if gn is not None else None, "consumed_samples": consumed,
-                           "tokens": consumed * cfg.model.seq_len, "tokens_per_sec": tps, "tflops": tflops,
-                           "mfu": tflops / peak if peak else None, "step_time_s": elapsed,
+            metrics.write({"step": step, "loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+                           "consumed_samples": consumed, "tokens": consumed * cfg.model.seq_len,
+                           "tokens_per_sec": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
+                           "step_time_s": elapsed,
                            "mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0})
-        if valid is not None and step % t.eval_interval == 0:
+        if valid_ds is not None and t.eval_interval > 0 and step % t.eval_interval == 0:
             evaluate()
         if stop is not None and stop.agreed():
             save()
