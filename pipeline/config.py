@@ -28,6 +28,7 @@ class ModelConfig:
     tie_embeddings: bool | None = None  # None = True for gpt, False for llama
     dropout: float = 0.0
     init_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128  # embedding rows padded so that tp shards are equal (Megatron)
 
 
 @dataclass
@@ -68,6 +69,8 @@ class TrainConfig:
     eval_interval: int = 0       # 0 = no periodic evaluation
     eval_iters: int = 4
     dist_timeout_s: int = 600
+    freeze_layers: int = 0       # freeze the bottom K transformer blocks (and the embeddings) when K > 0
+    on_nonfinite: str = "stop"   # stop | skip: what a non-finite loss does (fp16 overflow is always skipped)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class LogConfig:
     jsonl: str | None = None
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
+    peak_tflops: float | None = None  # per-device peak for MFU; None = the table for known GPUs
 
 
 @dataclass
