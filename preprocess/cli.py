@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+
+from .plan import UNIT_BYTES
 
 log = logging.getLogger("preprocess")
 
@@ -24,54 +25,45 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-docs", type=int, default=100_000, help="documents sampled uniformly over all inputs")
     t.add_argument("--seed", type=int, default=1234)
 
-    k = sub.add_parser("tokenize", help="tokenize a corpus into .bin/.idx shards and manifest.json")
+    k = sub.add_parser(
+        "tokenize", help="tokenize a corpus into .bin/.idx shards and manifest.json",
+        description="Tokenize INPUTs into Megatron .bin/.idx shards plus manifest.json. The output is the same, "
+        "byte for byte, whatever --workers, the number of MPI ranks or array tasks, or where a run was killed: "
+        "re-run the same command to resume. Under mpirun/mpiexec or `srun --mpi=pmi2` the ranks split the work "
+        "and rank 0 writes the manifest. In a Slurm array, give each task --part $SLURM_ARRAY_TASK_ID "
+        "--num-parts $SLURM_ARRAY_TASK_COUNT, then run `python -m preprocess join OUT` once all tasks are done.")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
     k.add_argument("--tokenizer", required=True, help="path to tokenizer.model")
     k.add_argument("--output", required=True, help="output folder (shards + manifest.json)")
-    k.add_argument("--text-key", default="text")
-    k.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
-    k.add_argument("--shard-tokens", type=int, default=1 << 30, help="close a shard past this many tokens")
-    k.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    k.add_argument("--text-key", default="text", help="JSON field holding the text; dots reach into objects")
+    k.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
+                   help="tokenizer processes (per MPI rank or array task); default: all CPUs")
+    k.add_argument("--shard-tokens", type=int, default=1 << 30,
+                   help="close a shard at the first document boundary past this many tokens")
+    k.add_argument("--unit-bytes", type=int, default=UNIT_BYTES,
+                   help="size of a unit of work: smaller inputs are grouped, larger .jsonl files cut into "
+                   "ranges of this size; shards never span units (default 256 MiB)")
+    k.add_argument("--strict", action="store_true", help="stop at the first bad record (file:line: reason) "
+                   "instead of skipping and counting it")
     k.add_argument("--overwrite", action="store_true", help="replace output made with different arguments")
+    k.add_argument("--part", type=int, help="do only part I of the units (0-based; with --num-parts); "
+                   "no manifest is written: run `join` once every part is done")
+    k.add_argument("--num-parts", type=int, help="number of parts K: part I takes units I, I+K, I+2K, ...")
+
+    j = sub.add_parser("join", help="after every `tokenize --part` task: write the manifest that training reads",
+                       description="Number the shards of all parts in input order and write OUT/manifest.json. "
+                       "Fails, naming the first missing unit, until every part has finished; safe to re-run.")
+    j.add_argument("output")
 
     i = sub.add_parser("inspect", help="summarise a tokenized output folder and decode documents")
     i.add_argument("output")
     i.add_argument("--docs", type=int, default=0, help="decode the first K documents")
+    i.add_argument("--verify", action="store_true", help="re-read every shard and check it against the manifest "
+                   "(sha256, documents, tokens)")
 
     d = sub.add_parser("demo-corpus", help="write the built-in corpus (Python's own documentation) as jsonl")
     d.add_argument("--output", required=True)
     return p
-
-
-def inspect(output: str, docs: int = 0) -> None:
-    from .indexed import IndexedDataset
-
-    path = os.path.join(output, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no manifest (is {output} a `preprocess tokenize` output?)")
-    with open(path) as f:
-        m = json.load(f)
-    total_docs = sum(s["documents"] for s in m["shards"])
-    total_tokens = sum(s["tokens"] for s in m["shards"])
-    print(f"{output}: {'complete' if m.get('complete') else 'INCOMPLETE'}, {len(m['shards'])} shards, "
-          f"{total_docs:,} documents, {total_tokens:,} tokens, dtype {m['dtype']}")
-    print(f"tokenizer: {m['tokenizer']['path']} (vocab {m['tokenizer']['vocab_size']}, eod {m['tokenizer']['eod_id']})")
-    for s in m["shards"]:
-        print(f"  {s['name']}: {s['documents']:,} documents, {s['tokens']:,} tokens")
-    print(f"skipped: {m['skipped'] or 'none'}")
-    if docs:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=m["tokenizer"]["path"])
-        shown = 0
-        for s in m["shards"]:
-            ds = IndexedDataset(os.path.join(output, s["name"]))
-            for j in range(min(len(ds), docs - shown)):
-                print(f"--- document {shown} ({len(ds[j])} tokens)")
-                print(sp.decode([int(t) for t in ds[j]]))
-                shown += 1
-            if shown >= docs:
-                break
 
 
 def main(argv=None) -> None:
@@ -85,16 +77,32 @@ def main(argv=None) -> None:
                                    args.sample_docs, args.seed)
             print(f"tokenizer written to {path}")
         elif args.command == "tokenize":
-            from .tokenize import tokenize
+            from .tokenize import mpi_world, tokenize
 
             m = tokenize(args.inputs, args.tokenizer, args.output, args.text_key, args.workers,
-                         args.shard_tokens, args.strict, args.overwrite)
+                         args.shard_tokens, args.strict, args.overwrite, args.part, args.num_parts, args.unit_bytes)
+            if "part" in m:
+                print(f"{args.output}: part {m['part']} of {m['num_parts']} done ({m['units']} of "
+                      f"{m['total_units']} units); run `python -m preprocess join {args.output}` after all parts")
+                return
+            comm = mpi_world()
+            if comm is not None and comm.Get_rank() != 0:
+                return  # rank 0 reports
             docs = sum(s["documents"] for s in m["shards"])
             tokens = sum(s["tokens"] for s in m["shards"])
             print(f"{args.output}: {len(m['shards'])} shards, {docs:,} documents, {tokens:,} tokens; "
                   f"skipped {m['skipped'] or 'none'}")
+        elif args.command == "join":
+            from .join import join
+
+            m = join(args.output)
+            print(f"{args.output}: {len(m['shards'])} shards, {sum(s['documents'] for s in m['shards']):,} documents, "
+                  f"{sum(s['tokens'] for s in m['shards']):,} tokens; skipped {m['skipped'] or 'none'}")
         elif args.command == "inspect":
-            inspect(args.output, args.docs)
+            from .inspect import inspect
+
+            if not inspect(args.output, args.docs, args.verify):
+                sys.exit(1)
         elif args.command == "demo-corpus":
             from .demo_corpus import write_demo_corpus
 

@@ -51,3 +51,34 @@ def token_dir(corpus_dir, tokenizer_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokens")
     tokenize([str(corpus_dir)], str(tokenizer_model), str(out), workers=2, shard_tokens=100_000)
     return out
+
+
+# ---- preprocessing: a multi-file corpus and its single-process reference output ------------------------------
+PREPROCESS_SPLIT = ("--shard-tokens", "20000", "--unit-bytes", "200000")  # ~8 units, ~20 shards on multi_corpus
+
+
+@pytest.fixture(scope="session")
+def multi_corpus(corpus_dir, tmp_path_factory) -> Path:
+    """The demo corpus dealt round-robin into 4 jsonl files."""
+    out = tmp_path_factory.mktemp("multi_corpus")
+    lines = (corpus_dir / "corpus.jsonl").read_text().splitlines()
+    for i in range(4):
+        (out / f"part{i}.jsonl").write_text("\n".join(lines[i::4]) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def multi_reference(multi_corpus, tokenizer_model, tmp_path_factory) -> Path:
+    """multi_corpus tokenized in one process with PREPROCESS_SPLIT: the bytes every other way must give."""
+    out = tmp_path_factory.mktemp("multi_reference")
+    run_cli("-m", "preprocess", "tokenize", str(multi_corpus), "--tokenizer", str(tokenizer_model),
+            "--output", str(out), "--workers", "1", *PREPROCESS_SPLIT)
+    return out
+
+
+def shard_bytes(folder: Path) -> dict:
+    """{file name: bytes} of every shard file in a tokenize output folder, and its manifest's shard list."""
+    import json
+
+    files = {p.name: p.read_bytes() for p in sorted(folder.glob("shard_*"))}
+    return {"files": files, "shards": json.loads((folder / "manifest.json").read_text())["shards"]}

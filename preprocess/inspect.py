@@ -1,0 +1,72 @@
+"""`inspect OUT`: the manifest's summary, decoded documents, and (with --verify) a check of every shard."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .indexed import IndexedDataset
+from .join import read_manifest
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(output: str, manifest: dict) -> list[str]:
+    """Problems found by re-reading every shard listed in the manifest (empty when all is well)."""
+    problems = []
+    for s in manifest["shards"]:
+        prefix = os.path.join(output, s["name"])
+        try:
+            ds = IndexedDataset(prefix)
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(str(e))
+            continue
+        if len(ds) != s["documents"] or ds.num_tokens != s["tokens"]:
+            problems.append(f"{prefix}: {len(ds)} documents and {ds.num_tokens} tokens, the manifest says "
+                            f"{s['documents']} and {s['tokens']}")
+        if _sha256(prefix + ".bin") != s["sha256"]:
+            problems.append(f"{prefix}.bin: sha256 differs from the manifest (the file changed or is corrupt)")
+    return problems
+
+
+def inspect(output: str, docs: int = 0, check: bool = False) -> bool:
+    """Print the summary (and `docs` decoded documents); returns False when --verify found a problem."""
+    m = read_manifest(output)
+    total_docs = sum(s["documents"] for s in m["shards"])
+    total_tokens = sum(s["tokens"] for s in m["shards"])
+    print(f"{output}: {'complete' if m.get('complete') else 'INCOMPLETE'}, {len(m['shards'])} shards, "
+          f"{total_docs:,} documents, {total_tokens:,} tokens, dtype {m['dtype']}")
+    print(f"tokenizer: {m['tokenizer']['path']} (vocab {m['tokenizer']['vocab_size']}, eod {m['tokenizer']['eod_id']})")
+    print(f"inputs: {len(m['inputs'])} files, {sum(i['bytes'] for i in m['inputs']) / 1e6:,.1f} MB")
+    for s in m["shards"]:
+        print(f"  {s['name']}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
+              f"{s['tokens'] / max(s['documents'], 1):,.0f} tokens/document")
+    skipped = m["skipped"]
+    print("skipped: " + (", ".join(f"{k} {v:,}" for k, v in skipped.items()) if skipped else "none"))
+    ok = True
+    if check:
+        problems = verify(output, m)
+        for p in problems:
+            print(f"verify: {p}")
+        print(f"verify: {len(m['shards']) - len(problems) if not problems else 'FAILED'}"
+              f"{' shards OK' if not problems else f' ({len(problems)} problems)'}")
+        ok = not problems
+    if docs:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=m["tokenizer"]["path"])
+        shown = 0
+        for s in m["shards"]:
+            ds = IndexedDataset(os.path.join(output, s["name"]))
+            for j in range(min(len(ds), docs - shown)):
+                print(f"--- document {shown} ({len(ds[j])} tokens)")
+                print(sp.decode([int(t) for t in ds[j]]))
+                shown += 1
+            if shown >= docs:
+                break
+    return ok

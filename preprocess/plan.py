@@ -1,0 +1,129 @@
+"""The units of work of a `tokenize` run, and where each unit keeps its state.
+
+A unit depends only on the inputs (their sorted paths and sizes) and `--unit-bytes`: small inputs are grouped
+into one unit, a large plain `.jsonl`/`.json` file is cut into newline-aligned byte ranges of about
+`--unit-bytes`, any other large input (compressed, parquet, arrow) is a unit of its own. Every unit writes its
+own shards (split by `--shard-tokens`) and the join step numbers them in unit order. So any split of the units
+over worker processes, MPI ranks or Slurm array tasks gives the same files, and resuming is per unit.
+
+A piece of a unit is `[input index, start, end]`: byte offsets for a plain JSON-lines file ("byte mode"),
+`end == -1` for any other input, read from the start as a stream of records ("record mode").
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+
+UNIT_BYTES = 256 << 20
+_PLAIN = (".jsonl", ".json")
+
+
+def is_plain_jsonl(path: str) -> bool:
+    return path.endswith(_PLAIN) and os.path.isfile(path)
+
+
+def input_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def args_key(paths: list[str], tokenizer_sha256: str, text_key: str, shard_tokens: int, unit_bytes: int) -> dict:
+    """Everything that decides the output bytes; a finished output is reused only for the same key."""
+    return {"inputs": [[p, input_size(p)] for p in paths], "tokenizer_sha256": tokenizer_sha256,
+            "text_key": text_key, "shard_tokens": shard_tokens, "unit_bytes": unit_bytes}
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parts_dir(output: str, key: dict) -> str:
+    """Per-unit shards and state live here until the join renames them; named by the arguments' hash."""
+    return os.path.join(output, f".parts-{key_hash(key)}")
+
+
+def _line_boundary(f, offset: int, size: int) -> int:
+    """The first line start at or after `offset` (or `size`)."""
+    if offset <= 0:
+        return 0
+    if offset >= size:
+        return size
+    f.seek(offset - 1)
+    pos = offset - 1
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return size
+        i = block.find(b"\n")
+        if i >= 0:
+            return min(pos + i + 1, size)
+        pos += len(block)
+
+
+def build_units(paths: list[str], unit_bytes: int) -> list[list[list[int]]]:
+    """Group and cut the inputs into units (lists of pieces), in input order."""
+    units: list[list[list[int]]] = []
+    group: list[list[int]] = []
+    group_bytes = 0
+
+    def flush():
+        nonlocal group, group_bytes
+        if group:
+            units.append(group)
+        group, group_bytes = [], 0
+
+    for i, path in enumerate(paths):
+        size = input_size(path)
+        byte_mode = is_plain_jsonl(path) and os.access(path, os.R_OK)
+        if size >= unit_bytes and byte_mode:
+            flush()
+            with open(path, "rb") as f:
+                start = 0
+                while start < size:
+                    end = _line_boundary(f, start + unit_bytes, size)
+                    units.append([[i, start, end]])
+                    start = end
+        elif size >= unit_bytes:
+            flush()
+            units.append([[i, 0, -1]])
+        else:
+            if group and group_bytes + size > unit_bytes:
+                flush()
+            group.append([i, 0, size if byte_mode else -1])
+            group_bytes += size
+    flush()
+    return units
+
+
+def unit_state_path(parts: str, unit: int) -> str:
+    return os.path.join(parts, f"unit_{unit:05d}.json")
+
+
+def shard_file(unit: int, k: int) -> str:
+    return f"u{unit:05d}_{k:04d}"
+
+
+def new_unit_state() -> dict:
+    return {"done": False, "shards": [], "resume": [0, 0], "skipped": {}, "documents": {}}
+
+
+def load_unit_state(parts: str, unit: int) -> dict:
+    path = unit_state_path(parts, unit)
+    if not os.path.exists(path):
+        return new_unit_state()
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write to a name unique to this process, then rename: readers never see half a file, and several
+    processes (array tasks, ranks) may write the same content at once."""
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,152 @@
+"""The worker side of `tokenize`: read a task's records, parse, validate and encode them.
+
+A task is one of
+  ("bytes", tag, path, a, b, aligned): the lines of a plain JSON-lines file that start in [a, b); the worker reads
+      the file itself, so the parent process moves no text. `aligned` says `a` is known to be a line start.
+  ("items", tag, path, items): records already read by the parent (compressed, parquet, arrow, txt inputs),
+      each `(line, kind, payload)` with kind "raw" (JSON bytes), "text" or "bad" (payload is the reason).
+The result is `(tag, tokens, lengths, ends, bad)`: the documents' tokens laid end to end (EOD appended),
+their lengths, the input position just after each document, and `[(end position, locator, reason)]` for bad
+records. Positions are byte offsets in byte mode and line numbers in record mode; a byte-mode locator is the
+line's start offset (turned into a line number only when an error is reported).
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .readers import parse_json_line
+
+# Documents longer than this many characters are encoded piecewise, cut at single spaces between words, which
+# gives the same ids as one call (SentencePiece never merges across a word boundary) without building a Python
+# list of tens of millions of ints.
+HUGE_CHARS = 1 << 20
+
+_sp = None
+_eod = 0
+_add_eos = False
+_dtype = np.dtype(np.uint16)
+_text_key = "text"
+
+
+def init_worker(model_path: str, eod_id: int, text_key: str, dtype: str) -> None:
+    global _sp, _eod, _add_eos, _dtype, _text_key
+    import sentencepiece as spm
+
+    _sp = spm.SentencePieceProcessor(model_file=model_path)
+    _eod, _text_key, _dtype = eod_id, text_key, np.dtype(dtype)
+    _add_eos = _sp.eos_id() == eod_id
+
+
+def _word_gap(text: str, lo: int, hi: int) -> int:
+    """Index of the first single space in [lo, hi) with non-space characters on both sides, else -1."""
+    j = text.find(" ", lo, hi)
+    while j >= 0:
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j
+        j = text.find(" ", j + 1, hi)
+    return -1
+
+
+def _segments(text: str, size: int):
+    """Cut `text` into pieces of about `size` characters at word gaps; the space at a cut is dropped, since
+    SentencePiece's dummy prefix puts it back. Text with no word gap nearby (no spaces at all) is cut after a
+    newline, or anywhere: it has no word boundaries to respect."""
+    start, n = 0, len(text)
+    while n - start > size:
+        cut = _word_gap(text, start + size, min(n - 1, start + 2 * size))
+        if cut < 0:
+            nl = text.rfind("\n", start + 1, start + size)
+            end = nl + 1 if nl >= 0 else start + size
+            yield text[start:end]
+            start = end
+            continue
+        yield text[start:cut]
+        start = cut + 1
+    yield text[start:]
+
+
+def _encode_huge(text: str) -> np.ndarray:
+    parts = [np.asarray(_sp.encode(seg), dtype=_dtype) for seg in _segments(text, HUGE_CHARS)]
+    parts.append(np.array([_eod], dtype=_dtype))
+    return np.concatenate(parts)
+
+
+def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents, EOD appended to each; returns (flat tokens, lengths)."""
+    if any(len(t) > HUGE_CHARS for t in texts):
+        arrays = []
+        for t in texts:
+            if len(t) > HUGE_CHARS:
+                arrays.append(_encode_huge(t))
+            else:
+                flat, _ = encode_texts([t])
+                arrays.append(flat)
+        lengths = np.fromiter((len(a) for a in arrays), np.int64, count=len(arrays))
+        return (np.concatenate(arrays) if arrays else np.empty(0, _dtype)), lengths
+    ids = _sp.encode(texts, add_eos=_add_eos, num_threads=1)
+    if not _add_eos:
+        for doc in ids:
+            doc.append(_eod)
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), _dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _read_range(path: str, a: int, b: int, aligned: bool):
+    """Yield (start, end, line bytes) for the lines of `path` that start in [a, b)."""
+    with open(path, "rb") as f:
+        if not aligned and a > 0:
+            f.seek(a - 1)
+            if f.read(1) != b"\n":
+                a += len(f.readline())  # the line in progress belongs to the previous task
+        if a >= b:
+            return
+        f.seek(a)
+        data = f.read(b - a)
+        if data and not data.endswith(b"\n"):
+            data += f.readline()
+    lines = data.split(b"\n")
+    del data
+    if lines and lines[-1] == b"":
+        lines.pop()
+    pos = a
+    for j, line in enumerate(lines):
+        lines[j] = None  # drop our reference as we go: a 100 MB line is held once, not twice
+        start, pos = pos, pos + len(line) + 1
+        yield start, pos, line
+
+
+def _parse(records):
+    """records: (end, locator, kind, payload) → texts, ends, bad."""
+    texts, ends, bad = [], [], []
+    for end, loc, kind, payload in records:
+        if kind == "bad":
+            bad.append((end, loc, payload))
+            continue
+        if kind == "raw":
+            if not payload.strip():
+                continue
+            rec = parse_json_line(payload, _text_key, "", 0)
+            text, reason = rec.text, rec.reason
+        else:
+            text, reason = payload, None
+        if text is None:
+            bad.append((end, loc, reason))
+        else:
+            texts.append(text)
+            ends.append(end)
+    return texts, ends, bad
+
+
+def run_task(task):
+    kind, tag, path = task[0], task[1], task[2]
+    if kind == "bytes":
+        _, _, _, a, b, aligned = task
+        records = ((end, start, "raw", line) for start, end, line in _read_range(path, a, b, aligned))
+    else:
+        records = ((line, line, k, payload) for line, k, payload in task[3])
+    texts, ends, bad = _parse(records)
+    tokens, lengths = encode_texts(texts)
+    return tag, tokens, lengths, np.asarray(ends, dtype=np.int64), bad
