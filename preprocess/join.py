@@ -12,7 +12,7 @@ import shutil
 from collections import Counter
 
 from .plan import load_unit_state, parts_dir, write_json_atomic
-from .runner import _kill_point
+from .runner import kill_point
 
 log = logging.getLogger("preprocess")
 
@@ -70,7 +70,7 @@ def join(output: str) -> dict:
                 _move(os.path.join(parts, sh["file"] + ext), os.path.join(output, name + ext))
             shards.append({"name": name, "documents": sh["documents"], "tokens": sh["tokens"],
                            "sha256": sh["sha256"]})
-            _kill_point("PREPROCESS_KILL_IN_JOIN", len(shards))
+            kill_point("PREPROCESS_KILL_IN_JOIN")
     for i, entry in enumerate(manifest["inputs"]):
         entry["documents"] = docs.get(str(i), 0)
     manifest.update(shards=shards, skipped=dict(sorted(skipped.items())), complete=True)

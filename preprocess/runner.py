@@ -32,9 +32,14 @@ class BadRecord(ValueError):
     """A bad record under --strict: the message is `file:line: reason`."""
 
 
-def _kill_point(var: str, count: int) -> None:
-    """Fault injection for the resume tests: SIGKILL this process after `count` events of a kind."""
-    if os.environ.get(var) == str(count):
+_events: Counter = Counter()
+
+
+def kill_point(var: str) -> None:
+    """Fault injection for the resume tests: SIGKILL this process at the N-th event of a kind when the
+    environment variable `var` is N (PREPROCESS_KILL_AFTER_SHARDS, PREPROCESS_KILL_IN_JOIN)."""
+    _events[var] += 1
+    if os.environ.get(var) == str(_events[var]):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -61,7 +66,6 @@ class UnitWriter:
         self.pending_skips: Counter = Counter()
         self.pending_docs: Counter = Counter()
         self.writer = None
-        self.closed = 0
 
     def _locate(self, piece_i: int, locator: int) -> str:
         input_i, _, end = self.pieces[piece_i]
@@ -112,8 +116,7 @@ class UnitWriter:
                                      "sha256": w.sha256})
         self.writer = None
         self._commit(resume)
-        self.closed += 1
-        _kill_point("PREPROCESS_KILL_AFTER_SHARDS", self.closed)
+        kill_point("PREPROCESS_KILL_AFTER_SHARDS")
 
     def finish(self) -> None:
         if self.writer is not None and self.writer.documents:
