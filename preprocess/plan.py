@@ -25,9 +25,13 @@ def is_plain_jsonl(path: str) -> bool:
 
 
 def input_size(path: str) -> int:
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-    return os.path.getsize(path)
+    """Bytes of an input file or folder (0 when it cannot be read: the readers then count it as unreadable)."""
+    try:
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def args_key(paths: list[str], tokenizer_sha256: str, text_key: str, shard_tokens: int, unit_bytes: int) -> dict:

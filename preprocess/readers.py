@@ -74,13 +74,34 @@ def get_field(obj, key: str):
     return obj
 
 
-def _open_text_lines(path: str) -> Iterator[bytes]:
-    if path.endswith(".zst"):
-        import zstandard
+def _zstd_lines(raw) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd stream; a stream that stops inside a frame raises EOFError, as gzip does."""
+    import zstandard
 
-        raw = open(path, "rb")
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(stream, buffer_size=1 << 20)
+    dctx = zstandard.ZstdDecompressor()
+    d, in_frame, rest = dctx.decompressobj(), False, b""
+    with raw:
+        while block := raw.read(1 << 20):
+            while block:
+                in_frame = True
+                out = d.decompress(block)
+                block = b""
+                if d.eof:
+                    block, d, in_frame = d.unused_data, dctx.decompressobj(), False
+                if out:
+                    *lines, rest = (rest + out).split(b"\n")
+                    for line in lines:
+                        yield line + b"\n"
+    if in_frame:
+        raise EOFError("zstd stream ends inside a frame")
+    if rest:
+        yield rest
+
+
+def _open_text_lines(path: str):
+    """An iterable of the lines (bytes) of a plain, gzip or zstd file; opening it raises OSError if unreadable."""
+    if path.endswith(".zst"):
+        return _zstd_lines(open(path, "rb"))
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     return open(path, "rb", buffering=1 << 20)
@@ -113,22 +134,28 @@ def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
     """Yield (line number, raw bytes, None) for each non-blank line of a JSON-lines file.
 
     A compressed file that ends early yields one final (line, None, "truncated_file"); an unreadable file
-    yields (0, None, "unreadable_file").
+    yields (1, None, "unreadable_file").
     """
+    try:
+        f = _open_text_lines(path)
+    except OSError:
+        yield 1, None, "unreadable_file"
+        return
     n = 0
     try:
-        with _open_text_lines(path) as f:
-            for n, raw in enumerate(f, 1):
-                if raw.strip():
-                    yield n, raw, None
-    except (EOFError, OSError) as e:  # truncated .gz/.zst streams raise these mid-read
-        reason = "unreadable_file" if n == 0 and isinstance(e, PermissionError) else "truncated_file"
-        yield n + 1, None, reason
-    except Exception as e:  # zstandard.ZstdError and friends
-        if type(e).__name__ == "ZstdError":
-            yield n + 1, None, "truncated_file"
-        else:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                yield n, raw, None
+    except EOFError:  # a .gz/.zst stream that stops early
+        yield n + 1, None, "truncated_file"
+    except OSError:  # not gzip at all, or a read error
+        yield n + 1, None, "unreadable_file" if n == 0 else "truncated_file"
+    except Exception as e:  # zstandard.ZstdError: corrupt data
+        if type(e).__name__ != "ZstdError":
             raise
+        yield n + 1, None, "unreadable_file" if n == 0 else "truncated_file"
+    finally:
+        f.close()
 
 
 def iter_records(path: str, text_key: str = "text") -> Iterator[Record]:
@@ -138,7 +165,7 @@ def iter_records(path: str, text_key: str = "text") -> Iterator[Record]:
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError:
-            yield Record(path, 0, None, "unreadable_file")
+            yield Record(path, 1, None, "unreadable_file")
             return
         try:
             yield _check_text(raw.decode("utf-8"), path, 1)
