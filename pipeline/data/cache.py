@@ -1,0 +1,116 @@
+"""A folder of index arrays keyed by everything that shapes them; built once, then memory-mapped by every rank.
+
+Protocol (needs no process group, works across jobs and across nodes):
+- `NAME-KEY.json` is the commit marker, written last. Arrays are `NAME-KEY-ARRAY.npy`; every file is written
+  under a unique temporary name (host, pid, random) and renamed into place, so no reader sees a partial file.
+- Builders on one filesystem take an exclusive `flock` on `NAME-KEY.lock`: one builds, the others wait for
+  the lock, find the marker and map the arrays. The kernel releases the lock when a builder dies.
+- Where locks do not work (some network filesystems), or folders are not shared (per-node caches), more than
+  one process may build; the arrays are a deterministic function of the key, so whichever rename lands last
+  leaves the same bytes, and every reader still sees a complete set.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("pipeline.data")
+
+
+def cache_key(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tmp_name(path: str) -> str:
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # e.g. a network filesystem without locks: fall back to build-and-rename
+            log.warning("%s: cannot lock (%s); building without a lock", lock_path, e)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load(base: str, description: dict) -> dict[str, np.ndarray] | None:
+    """The committed arrays for this key, memory-mapped, or None when absent, incomplete or not ours."""
+    try:
+        with open(base + ".json") as f:
+            meta = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if meta.get("description") != description:
+        return None
+    arrays = {}
+    for name, (dtype, shape) in meta["arrays"].items():
+        try:
+            a = np.load(f"{base}-{name}.npy", mmap_mode="r")
+        except (FileNotFoundError, ValueError):
+            return None
+        if a.dtype != np.dtype(dtype) or list(a.shape) != shape:
+            return None
+        arrays[name] = a
+    return arrays
+
+
+def load_or_build(cache_dir: str, name: str, description: dict,
+                  build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays for `description`, from `cache_dir` when they are there, else built by `build()` and saved.
+
+    The result is always memory-mapped from the cache files (read-only), whoever built them.
+    """
+    base = os.path.join(cache_dir, f"{name}-{cache_key(description)}")
+    arrays = _load(base, description)
+    if arrays is not None:
+        return arrays
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"data.cache_dir {cache_dir}: cannot create it ({e.strerror}); set data.cache_dir "
+                         f"to a writable folder") from None
+    with _exclusive(base + ".lock"):
+        arrays = _load(base, description)  # built by whoever held the lock before us
+        if arrays is not None:
+            return arrays
+        t0 = time.time()
+        built = build()
+        for key, a in built.items():
+            _write_atomic(f"{base}-{key}.npy", lambda f, a=a: np.save(f, np.ascontiguousarray(a)))
+        meta = {"description": description, "built_by": f"{socket.gethostname()}:{os.getpid()}",
+                "build_seconds": round(time.time() - t0, 3),
+                "arrays": {k: [a.dtype.str, list(a.shape)] for k, a in built.items()}}
+        _write_atomic(base + ".json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        log.info("built %s index %s in %.2fs", name, base, time.time() - t0)
+    arrays = _load(base, description)
+    if arrays is None:
+        raise RuntimeError(f"{base}.json: index cache written but not readable back; check data.cache_dir {cache_dir}")
+    return arrays

@@ -1,0 +1,117 @@
+"""The documents of one dataset: a `preprocess tokenize` output folder (manifest + shards) or a Megatron prefix.
+
+Everything stays memory-mapped through `preprocess.indexed.IndexedDataset`; per-document lengths and token
+offsets are the only arrays held in memory (12 bytes a document).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from preprocess.indexed import IndexedDataset
+
+
+def read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no manifest; is {folder} the output of `preprocess tokenize`?")
+    with open(path) as f:
+        try:
+            m = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); re-run `preprocess tokenize`") from None
+    if not m.get("complete", True):
+        raise ValueError(f"{path}: tokenization is incomplete; re-run the same `preprocess tokenize` command to finish it")
+    return m
+
+
+def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TokenDocuments:
+    """All documents of one dataset (every shard of a folder, or one Megatron prefix), in order.
+
+    `doc_lengths[d]` is document d's token count, `doc_starts[d]` its first token within its shard's token
+    array, `doc_shards[d]` that shard's position in `self.shards` (None when there is a single shard).
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        if os.path.isdir(self.path):
+            self.manifest = read_manifest(self.path)
+            self.shards = [IndexedDataset(os.path.join(self.path, s["name"])) for s in self.manifest["shards"]]
+            for s, ds in zip(self.manifest["shards"], self.shards):
+                if len(ds) != s["documents"]:
+                    raise ValueError(f"{ds.prefix}.idx: {len(ds)} documents, the manifest says {s['documents']}; "
+                                     f"re-run `preprocess tokenize`")
+                if "tokens" in s and ds.num_tokens != s["tokens"]:
+                    raise ValueError(f"{ds.prefix}.bin: {ds.num_tokens} tokens, the manifest says {s['tokens']}; "
+                                     f"re-run `preprocess tokenize`")
+        else:
+            self.manifest = None
+            self.shards = [IndexedDataset(self.path)]
+        if not self.shards or sum(len(s) for s in self.shards) == 0:
+            raise ValueError(f"{self.path}: the dataset holds no documents")
+        self.dtype = self.shards[0].dtype
+        # Plain ndarray views over the memory maps: slicing them skips np.memmap's Python-level overhead.
+        self.tokens = [np.asarray(s.tokens).view(np.ndarray) for s in self.shards]
+        counts = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
+        self.doc_lengths = np.concatenate([s.sizes for s in self.shards]).astype(np.int32, copy=False)
+        self.doc_starts = np.concatenate([s.pointers // s.dtype.itemsize for s in self.shards]).astype(np.int64)
+        self.doc_shards = None
+        if len(self.shards) > 1:
+            self.doc_shards = np.repeat(np.arange(len(self.shards), dtype=np.int32), counts)
+        self.num_tokens = int(sum(s.num_tokens for s in self.shards))
+
+    def __len__(self) -> int:
+        return len(self.doc_lengths)
+
+    def document(self, i: int) -> np.ndarray:
+        s = 0 if self.doc_shards is None else int(self.doc_shards[i])
+        start = int(self.doc_starts[i])
+        return self.tokens[s][start:start + int(self.doc_lengths[i])]
+
+    @property
+    def tokenizer(self) -> dict | None:
+        return self.manifest["tokenizer"] if self.manifest else None
+
+    def fingerprint(self) -> str:
+        """Identifies the data: the manifest's shard checksums (when there is one) and every document length.
+
+        Any re-tokenization that changes what the indices are built from changes this value.
+        """
+        h = hashlib.sha256()
+        if self.manifest:
+            h.update(json.dumps([s.get("sha256") for s in self.manifest["shards"]]).encode())
+        for s in self.shards:
+            h.update(np.ascontiguousarray(s.sizes).tobytes())
+            h.update(str(s.num_tokens).encode())
+        return h.hexdigest()
+
+    def verify(self) -> None:
+        """Check every shard's `.bin` against the manifest's sha256 (reads all the data; on request only)."""
+        if not self.manifest:
+            return  # a bare prefix: its .bin size was checked against the .idx when it was opened
+        for s, ds in zip(self.manifest["shards"], self.shards):
+            got = _file_sha256(ds.prefix + ".bin")
+            if s.get("sha256") and got != s["sha256"]:
+                raise ValueError(f"{ds.prefix}.bin: sha256 {got[:12]}… differs from the manifest's "
+                                 f"{s['sha256'][:12]}…; the shard changed after tokenizing, re-run `preprocess tokenize`")
+
+
+def check_same_tokenizer(docs: list[TokenDocuments]) -> None:
+    """Refuse to blend datasets made with different tokenizers (their manifests' tokenizer sha256 differ)."""
+    known = [(d.path, d.tokenizer["sha256"]) for d in docs if d.tokenizer and d.tokenizer.get("sha256")]
+    for path, sha in known[1:]:
+        if sha != known[0][1]:
+            raise ValueError(f"data.datasets: {path} was tokenized with a different tokenizer than {known[0][0]} "
+                             f"(sha256 {sha[:12]}… vs {known[0][1][:12]}…); re-tokenize them with one tokenizer")
