@@ -21,6 +21,7 @@ from . import dist
 
 log = logging.getLogger("pipeline")
 COMMIT = "COMMITTED"
+WEIGHTS_ONLY = "WEIGHTS_ONLY"  # a tag holding only model.safetensors (e.g. from `convert from-hf`): fresh optimizer
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -49,20 +50,49 @@ def committed_tags(ckpt_dir: str) -> list[str]:
     return [name for _, name in sorted(found, reverse=True)]
 
 
+def verify(ckpt_dir: str, tag: str) -> str | None:
+    """Why a committed tag cannot be loaded (a file missing or of another size than at commit), or None."""
+    path = os.path.join(ckpt_dir, tag)
+    try:
+        with open(os.path.join(path, COMMIT)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return f"{path}/{COMMIT} is unreadable"
+    for name, size in marker.get("files", {}).items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} has {os.path.getsize(file)} bytes, {size} at commit (truncated?)"
+    return None
+
+
+def marker(ckpt_dir: str, tag: str) -> dict:
+    with open(os.path.join(ckpt_dir, tag, COMMIT)) as f:
+        return json.load(f)
+
+
 def resolve_tag(ckpt_dir: str, tag: str | None = None) -> str | None:
-    """The tag to load: the one asked for (must be committed), else `latest` if committed, else the newest committed."""
+    """The tag to load: the one asked for (must be committed and intact), else the newest committed intact tag
+    (`latest` names it unless a save was interrupted). A damaged newest tag falls back to the previous one."""
     if tag is not None:
         if not os.path.isfile(os.path.join(ckpt_dir, tag, COMMIT)):
             raise FileNotFoundError(f"{os.path.join(ckpt_dir, tag)}: no committed checkpoint with this tag")
+        problem = verify(ckpt_dir, tag)
+        if problem:
+            raise ValueError(f"checkpoint {tag} is damaged: {problem}")
         return tag
     latest = os.path.join(ckpt_dir, "latest")
     if os.path.isfile(latest):
         name = open(latest).read().strip()
-        if os.path.isfile(os.path.join(ckpt_dir, name, COMMIT)):
+        if not os.path.isfile(os.path.join(ckpt_dir, name, COMMIT)):
+            log.warning("%s points at %s, which is not committed; looking for an older checkpoint", latest, name)
+    for name in committed_tags(ckpt_dir):
+        problem = verify(ckpt_dir, name)
+        if problem is None:
             return name
-        log.warning("%s points at %s, which is not committed; looking for an older checkpoint", latest, name)
-    tags = committed_tags(ckpt_dir)
-    return tags[0] if tags else None
+        log.warning("skipping damaged checkpoint %s: %s", name, problem)
+    return None
 
 
 def rng_state() -> dict:
@@ -91,14 +121,60 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, run_config: dict,
     dist.barrier()
     if dist.rank() == 0:
         _write_atomic(os.path.join(path, "run_config.json"), json.dumps(run_config, indent=2))
-        _write_atomic(os.path.join(path, COMMIT), json.dumps({"step": step, "time": time.time(),
-                                                               "world_size": dist.world_size()}))
+        files = {os.path.relpath(os.path.join(root, f), path): os.path.getsize(os.path.join(root, f))
+                 for root, _, names in os.walk(path) for f in names}
+        _write_atomic(os.path.join(path, COMMIT), json.dumps({
+            "step": step, "time": time.time(), "world_size": dist.world_size(),
+            "consumed_samples": client_state.get("consumed_samples"),
+            "data_fingerprint": client_state.get("data_fingerprint"), "files": files}, indent=1))
         _write_atomic(os.path.join(ckpt_dir, "latest"), tag)
-        for old in committed_tags(ckpt_dir)[keep:] if keep > 0 else []:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        _prune(ckpt_dir, keep)
         log.info("saved checkpoint %s in %.1fs", path, time.time() - t0)
     dist.barrier()
     return tag
+
+
+def _prune(ckpt_dir: str, keep: int) -> None:
+    """Keep the newest `keep` committed tags; drop older ones and leftovers of interrupted saves."""
+    committed = committed_tags(ckpt_dir)
+    drop = committed[keep:] if keep > 0 else []
+    newest = int(_TAG.match(committed[0]).group(1)) if committed else -1
+    for name in os.listdir(ckpt_dir):
+        m = _TAG.match(name)
+        if m and name not in committed and int(m.group(1)) < newest:
+            drop.append(name)
+    for name in drop:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def is_weights_only(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, WEIGHTS_ONLY))
+
+
+def load_weights_only(ckpt_dir: str, tag: str) -> dict:
+    """The full model state dict of a weights-only tag (`model.safetensors`, our parameter names)."""
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(ckpt_dir, tag, "model.safetensors"))
+
+
+def check_compatible(ckpt_dir: str, tag: str, model_cfg: dict, fingerprint: str | None) -> str | None:
+    """Why resuming `tag` with this model shape and data would be wrong, or None."""
+    try:
+        with open(os.path.join(ckpt_dir, tag, "run_config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return f"{os.path.join(ckpt_dir, tag)}/run_config.json is missing or unreadable"
+    shape_keys = ("arch", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_hidden_size", "vocab_size",
+                  "tie_embeddings")
+    old = saved.get("model", {})
+    diff = [f"model.{k} {old.get(k)} -> {model_cfg.get(k)}" for k in shape_keys if old.get(k) != model_cfg.get(k)]
+    if diff:
+        return "the model shape differs from the checkpoint's: " + ", ".join(diff)
+    saved_fp = marker(ckpt_dir, tag).get("data_fingerprint")
+    if fingerprint and saved_fp and saved_fp != fingerprint and not is_weights_only(ckpt_dir, tag):
+        return "the datasets differ from the checkpoint's (data fingerprint changed)"
+    return None
 
 
 def load(engine, ckpt_dir: str, tag: str) -> dict:

@@ -79,6 +79,7 @@ class CheckpointConfig:
     interval: int = 0  # 0 = only at the end (and on signal)
     keep: int = 3
     save_on_signal: bool = True
+    force: bool = False  # resume even if the model shape or the data fingerprint differs from the checkpoint's
 
 
 @dataclass
@@ -231,6 +232,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         problems.append(f"train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
     if t.decay_style not in ("cosine", "linear", "constant"):
         problems.append(f"train.decay_style must be cosine, linear or constant, got '{t.decay_style}'")
+    if t.on_nonfinite not in ("stop", "skip"):
+        problems.append(f"train.on_nonfinite must be stop or skip, got '{t.on_nonfinite}'")
+    elif t.on_nonfinite == "skip" and t.precision != "fp16":
+        problems.append("train.on_nonfinite=skip needs train.precision=fp16 (its loss scaler skips bad updates); "
+                        "in fp32/bf16 a non-finite loss stops the run")
+    if t.freeze_layers < 0 or t.freeze_layers > m.num_layers:
+        problems.append(f"train.freeze_layers must be between 0 and model.num_layers {m.num_layers}")
     if t.steps < 1:
         problems.append(f"train.steps must be >= 1, got {t.steps}")
     if t.global_batch_size % t.micro_batch_size:

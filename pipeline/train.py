@@ -28,8 +28,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prepare_config(args):
-    """Load, fill data-derived values and validate, before any process group starts."""
+def data_fingerprint(docs) -> str:
+    import hashlib
+
+    return hashlib.sha256("".join(d.fingerprint() for d in docs).encode()).hexdigest()
+
+
+def prepare(args):
+    """Load, fill data-derived values, validate, and pick the checkpoint to resume, before any process group
+    starts: every user error surfaces here as one line."""
+    from . import checkpoint
     from .config import load_config, validate
     from .data import TokenDocuments
     from .dist import world_size_from_env
@@ -44,7 +52,18 @@ def prepare_config(args):
             raise ValueError("model.vocab_size is unset and the first dataset has no manifest to take it from")
         cfg.model.vocab_size = docs[0].tokenizer["vocab_size"]
     validate(cfg, world_size_from_env())
-    return cfg, docs
+    if cfg.log.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("log.wandb_project is set but wandb is not installed (pip install wandb)") from None
+    tag = checkpoint.resolve_tag(cfg.checkpoint.dir)
+    if tag is not None:
+        problem = checkpoint.check_compatible(cfg.checkpoint.dir, tag, cfg.to_dict()["model"], data_fingerprint(docs))
+        if problem and not cfg.checkpoint.force:
+            raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: {problem} "
+                             f"(use a new checkpoint.dir, or checkpoint.force=true)")
+    return cfg, docs, tag
 
 
 class LRSchedule:
@@ -85,30 +104,37 @@ class StopFlag:
         return bool(flag.item())
 
 
-def run(cfg, docs) -> int:
+def run(cfg, docs, tag) -> int:
     import torch
 
     from . import checkpoint, dist
     from .data import build_datasets, batch_for_rank
     from .engine import build_engine
     from .metrics import Metrics, peak_tflops
+    from .config import dump
     from .model import flops_per_token
 
     dist.init_distributed(cfg.train.dist_timeout_s)
     rank, world = dist.rank(), dist.world_size()
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(cfg)
+    weights_only = tag is not None and checkpoint.is_weights_only(cfg.checkpoint.dir, tag)
+    if weights_only:
+        engine = build_engine(cfg, init_state_dict=checkpoint.load_weights_only(cfg.checkpoint.dir, tag))
+    else:
+        engine = build_engine(cfg)
     dp_rank, dp = engine.dp_rank, engine.dp_size
     t = cfg.train
     if rank == 0:
+        log.info("effective config:\n%s", dump(cfg))
         log.info("model: %s, %.2fM parameters; world %d (dp %d, tp %d, pp %d); %s", cfg.model.arch,
                  engine.num_params / 1e6, world, dp, cfg.parallel.tp, cfg.parallel.pp, t.precision)
     train_ds, valid_ds = build_datasets(cfg, docs)
-    fingerprint = docs[0].fingerprint()
+    fingerprint = data_fingerprint(docs)
 
     step, consumed = 0, 0
-    tag = checkpoint.resolve_tag(cfg.checkpoint.dir)
-    if tag is not None:
+    if weights_only and rank == 0:
+        log.info("starting from the weights of %s (fresh optimizer, step 0)", tag)
+    elif tag is not None:
         state = checkpoint.load(engine.engine, cfg.checkpoint.dir, tag)
         step, consumed = state["step"], state["consumed_samples"]
         if rank == 0:
@@ -123,7 +149,7 @@ def run(cfg, docs) -> int:
     stop = StopFlag() if cfg.checkpoint.save_on_signal else None
     tokens_per_step = t.global_batch_size * cfg.model.seq_len
     fpt = flops_per_token(cfg.model)
-    peak = peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
     def save():
         checkpoint.save(engine.engine, cfg.checkpoint.dir, step,
@@ -139,6 +165,14 @@ def run(cfg, docs) -> int:
     t_last, code = time.time(), 0
     while step < t.steps:
         loss = engine.train_step(torch.from_numpy(batch_for_rank(train_ds, step, t.global_batch_size, dp_rank, dp)))
+        if not math.isfinite(loss) and t.on_nonfinite == "skip":
+            # fp16 only (validated): DeepSpeed's loss scaler has already skipped this update.
+            if rank == 0:
+                log.warning("non-finite loss at step %d: update skipped by the fp16 loss scaler", step + 1)
+        elif not math.isfinite(loss):
+            # The update has already been applied: stop before anything is saved (the last commit stays good).
+            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}; stopping without saving "
+                                     f"(last good checkpoint: {checkpoint.resolve_tag(cfg.checkpoint.dir)})")
         step += 1
         consumed += t.global_batch_size
         if step % cfg.log.interval == 0 or step == t.steps:
@@ -175,13 +209,21 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args = parse_args(argv)
     try:
-        cfg, docs = prepare_config(args)
+        cfg, docs, tag = prepare(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     from . import dist
 
-    code = run(cfg, docs)
+    try:
+        code = run(cfg, docs, tag)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        print(f"error: rank {dist.rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # no barrier: the other ranks may be gone; their timeout ends them
     dist.exit_cleanly(code)
 
 
