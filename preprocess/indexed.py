@@ -58,7 +58,8 @@ class IndexedWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODES:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
-        self._bin_tmp = self.prefix + ".bin.tmp"
+        self._tmp = f".tmp.{os.getpid()}"  # per process: two writers of one prefix never mix their bytes
+        self._bin_tmp = self.prefix + ".bin" + self._tmp
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = _Growable(np.int32)
         self._sha = hashlib.sha256()
@@ -96,7 +97,7 @@ class IndexedWriter:
         if len(lengths) > 1:  # int64 arithmetic: no overflow past 2 GiB
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=offsets[1:])
         doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
-        idx_tmp = self.prefix + ".idx.tmp"
+        idx_tmp = self.prefix + ".idx" + self._tmp
         with open(idx_tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, CODES[self.dtype], len(lengths), len(doc_idx)))
             f.write(lengths.astype("<i4").tobytes())
@@ -109,7 +110,7 @@ class IndexedWriter:
 
     def abort(self) -> None:
         self._bin.close()
-        for p in (self._bin_tmp, self.prefix + ".idx.tmp"):
+        for p in (self._bin_tmp, self.prefix + ".idx" + self._tmp):
             if os.path.exists(p):
                 os.remove(p)
 

@@ -33,6 +33,9 @@ _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WOR
 def mpi_world():
     """MPI.COMM_WORLD when launched by mpirun/mpiexec or `srun --mpi=pmi2` with more than one rank, else None."""
     if not any(int(os.environ.get(v, "1") or 1) > 1 for v in _MPI_SIZE_VARS):
+        if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+            raise ValueError("started by srun with several tasks but without MPI: every task would do all the work; "
+                             "use `srun --mpi=pmi2` (or a Slurm array with --part/--num-parts)")
         return None
     from mpi4py import MPI
 

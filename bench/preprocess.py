@@ -1,0 +1,193 @@
+"""Benchmark `preprocess tokenize` against bare SentencePiece and a Megatron-style baseline, side by side.
+
+    flock /tmp/bench.lock .venv/bin/python bench/preprocess.py [--size-mb 200] [--small-mb 100] [--repeat 1]
+
+Generates a jsonl corpus under /tmp (documents assembled from the built-in corpus's paragraphs), trains a
+tokenizer on it once, then measures in fresh processes, each with the peak RSS summed over its process tree:
+  bare        one process: sp.encode over the documents already in memory (encode time only)
+  tokenize    `python -m preprocess tokenize` with 1 and 2 workers (wall time of the whole command)
+  megatron    Megatron-LM's preprocess_data shape: Pool.imap over JSON lines, json.loads + one encode call per
+              document, megatron-core's IndexedDatasetBuilder fed from the parent (2 workers)
+and prints the ratios the preprocessing issue asks for, plus peak RSS on two corpus sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+WORK = "/tmp/bench_preprocess"
+
+_BARE = r"""
+import json, sys, time, sentencepiece as spm
+sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
+texts = [json.loads(l)["text"] for f in sys.argv[2:] for l in open(f, "rb")]
+t = time.perf_counter(); n = 0
+for i in range(0, len(texts), 256):
+    n += sum(map(len, sp.encode(texts[i:i + 256], num_threads=1)))
+print(json.dumps({"tokens": n + len(texts), "seconds": time.perf_counter() - t}))
+"""
+
+_MEGATRON = r"""
+import json, sys, time, warnings
+from multiprocessing import Pool
+import numpy as np, torch, sentencepiece as spm
+warnings.simplefilter("ignore")
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+model, out, workers, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+sp = None
+def init():
+    global sp
+    sp = spm.SentencePieceProcessor(model_file=model)
+def encode(line):
+    ids = sp.encode(json.loads(line)["text"])
+    ids.append(sp.eos_id())
+    return ids
+def lines():
+    for f in files:
+        with open(f, "rb") as fh:
+            yield from fh
+t = time.perf_counter(); n = 0
+builder = IndexedDatasetBuilder(out + ".bin", dtype=np.uint16)
+with Pool(workers, initializer=init) as pool:
+    for ids in pool.imap(encode, lines(), 32):
+        builder.add_item(torch.IntTensor(ids))
+        builder.end_document()
+        n += len(ids)
+builder.finalize(out + ".idx")
+print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t}))
+"""
+
+
+def make_corpus(size_mb: int) -> list[str]:
+    """`size_mb` MB of jsonl in 4 files, documents of 1-60 paragraphs drawn from the demo corpus."""
+    folder = os.path.join(WORK, f"corpus_{size_mb}mb")
+    files = [os.path.join(folder, f"part{i}.jsonl") for i in range(4)]
+    if all(os.path.exists(f) for f in files):
+        return files
+    from preprocess.demo_corpus import write_demo_corpus
+
+    demo = os.path.join(WORK, "demo")
+    if not os.path.exists(os.path.join(demo, "corpus.jsonl")):
+        write_demo_corpus(demo)
+    paragraphs = [p for line in open(os.path.join(demo, "corpus.jsonl"))
+                  for p in json.loads(line)["text"].split("\n\n") if p.strip()]
+    rng = random.Random(size_mb)
+    os.makedirs(folder, exist_ok=True)
+    for f in files:
+        written = 0
+        with open(f + ".tmp", "w") as out:
+            while written < size_mb * 1e6 / len(files):
+                doc = "\n\n".join(rng.choice(paragraphs) for _ in range(rng.randint(1, 60)))
+                line = json.dumps({"id": written, "text": doc}) + "\n"
+                out.write(line)
+                written += len(line)
+        os.replace(f + ".tmp", f)
+    return files
+
+
+def make_tokenizer(files: list[str], vocab: int) -> str:
+    out = os.path.join(WORK, f"tokenizer_{vocab}")
+    model = os.path.join(out, "tokenizer.model")
+    if not os.path.exists(model):
+        run([sys.executable, "-m", "preprocess", "train-tokenizer", *files, "--output", out, "--vocab-size",
+             str(vocab), "--sample-docs", "3000"])
+    return model
+
+
+def _cpu_of_children() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run(cmd: list[str]) -> tuple[float, int, str, float]:
+    """Run cmd; returns (wall seconds, peak RSS bytes summed over its process tree, stdout, CPU seconds of the
+    whole tree: a figure the other load on a shared machine disturbs less than wall time)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    cpu0 = _cpu_of_children()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+        ps, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                procs = [ps, *ps.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        cpu = _cpu_of_children() - cpu0
+        out.seek(0)
+        text = out.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-2000:]}")
+    return wall, peak, text, cpu
+
+
+def tokenize(files, model, workers, tag) -> dict:
+    out = os.path.join(WORK, f"out_{tag}")
+    subprocess.run(["rm", "-rf", out], check=True)
+    wall, rss, _, cpu = run([sys.executable, "-m", "preprocess", "tokenize", *files, "--tokenizer", model,
+                             "--output", out, "--workers", str(workers)])
+    with open(os.path.join(out, "manifest.json")) as f:
+        tokens = sum(s["tokens"] for s in json.load(f)["shards"])
+    return {"tokens": tokens, "seconds": wall, "rss": rss, "cpu": cpu}
+
+
+def script(code, *args) -> dict:
+    wall, rss, text, cpu = run([sys.executable, "-c", code, *args])
+    return {**json.loads(text.strip().splitlines()[-1]), "rss": rss, "wall": wall, "cpu": cpu}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=200)
+    ap.add_argument("--small-mb", type=int, default=100, help="second corpus size for the RSS comparison")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N for each timing")
+    args = ap.parse_args()
+    files = make_corpus(args.size_mb)
+    small = make_corpus(args.small_mb)
+    model = make_tokenizer(files, args.vocab)
+    size = sum(os.path.getsize(f) for f in files)
+    print(f"corpus: {size / 1e6:.0f} MB in {len(files)} files; tokenizer vocab {args.vocab}; {os.cpu_count()} CPUs; "
+          f"load average before: {os.getloadavg()[0]:.1f}")
+
+    def best(fn):
+        runs = [fn() for _ in range(args.repeat)]
+        return min(runs, key=lambda r: r["seconds"])
+
+    r = {}
+    r["bare"] = best(lambda: script(_BARE, model, *files))
+    r["tok1"] = best(lambda: tokenize(files, model, 1, "w1"))
+    r["tok2"] = best(lambda: tokenize(files, model, 2, "w2"))
+    r["meg2"] = best(lambda: script(_MEGATRON, model, os.path.join(WORK, "megatron"), "2", *files))
+    r["small2"] = tokenize(small, model, 2, "small")
+    rate = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
+    for k, v in r.items():
+        print(f"  {k:7s} {v['tokens']:>12,} tokens {v['seconds']:7.1f} s {rate[k] / 1e6:6.3f} Mtok/s "
+              f"peak RSS {v['rss'] / 2**20:6.0f} MiB; CPU {v['cpu']:6.1f} s (whole process tree)")
+    print(f"tokenize per worker / bare encode:   1 worker {rate['tok1'] / rate['bare']:.3f}, "
+          f"2 workers {rate['tok2'] / 2 / rate['bare']:.3f}   (goal >= 0.85)")
+    print(f"tokenize / megatron-style, 2 workers: {rate['tok2'] / rate['meg2']:.3f}   (goal >= 1.5)")
+    print(f"tokenize 2 workers / 1 worker:        {rate['tok2'] / rate['tok1']:.3f}   (goal >= 1.7)")
+    print(f"peak RSS, 2 workers: {r['small2']['rss'] / 2**20:.0f} MiB on {args.small_mb} MB, "
+          f"{r['tok2']['rss'] / 2**20:.0f} MiB on {args.size_mb} MB   (goal < 1024 MiB, flat)")
+    print(f"load average after: {os.getloadavg()[0]:.1f} (ratios are trustworthy only on an otherwise idle machine)")
+    assert r["tok1"]["tokens"] == r["tok2"]["tokens"] == r["meg2"]["tokens"] == r["bare"]["tokens"], \
+        "token counts differ between the runs"
+
+
+if __name__ == "__main__":
+    main()
