@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--strict", action="store_true", help="stop at the first bad record (file:line: reason) "
                    "instead of skipping and counting it")
     k.add_argument("--overwrite", action="store_true", help="replace output made with different arguments")
+    k.add_argument("--log-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (batch jobs), log progress this often (a terminal gets a bar)")
     k.add_argument("--part", type=int, help="do only part I of the units (0-based; with --num-parts); "
                    "no manifest is written: run `join` once every part is done")
     k.add_argument("--num-parts", type=int, help="number of parts K: part I takes units I, I+K, I+2K, ...")
@@ -80,7 +82,8 @@ def main(argv=None) -> None:
             from .tokenize import mpi_world, tokenize
 
             m = tokenize(args.inputs, args.tokenizer, args.output, args.text_key, args.workers,
-                         args.shard_tokens, args.strict, args.overwrite, args.part, args.num_parts, args.unit_bytes)
+                         args.shard_tokens, args.strict, args.overwrite, args.part, args.num_parts, args.unit_bytes,
+                         args.log_interval)
             if "part" in m:
                 print(f"{args.output}: part {m['part']} of {m['num_parts']} done ({m['units']} of "
                       f"{m['total_units']} units); run `python -m preprocess join {args.output}` after all parts")

@@ -185,7 +185,8 @@ def _ordered(pool, tasks, depth):
         yield pending.popleft().get()
 
 
-def run_units(units, paths, parts, tok, text_key, dtype, shard_tokens, strict, workers, desc="tokenize"):
+def run_units(units, paths, parts, tok, text_key, dtype, shard_tokens, strict, workers, desc="tokenize",
+              log_interval=30.0):
     """Tokenize `units` ([(unit index, pieces)]), skipping those already done. Returns units done now."""
     states = {u: load_unit_state(parts, u) for u, _ in units}
     todo = [(u, pieces) for u, pieces in units if not states[u]["done"]]
@@ -196,7 +197,7 @@ def run_units(units, paths, parts, tok, text_key, dtype, shard_tokens, strict, w
         return 0
     total = sum((e if e >= 0 else os.path.getsize(paths[i]) if os.path.isfile(paths[i]) else 0) - s
                 for _, pieces in todo for i, s, e in pieces)
-    progress = Progress(total, desc)
+    progress = Progress(total, desc, log_interval)
     init_args = (tok["path"], tok["eod_id"], text_key, np.dtype(dtype).str)
     pool = get_context("spawn").Pool(workers, init_worker, init_args) if workers > 1 else None
     if pool is None:

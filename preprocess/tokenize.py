@@ -108,7 +108,7 @@ def _plan(output: str, key: dict, paths: list[str], unit_bytes: int) -> list:
 
 def tokenize(inputs: list[str], tokenizer: str, output: str, text_key: str = "text", workers: int = 1,
              shard_tokens: int = 1 << 30, strict: bool = False, overwrite: bool = False, part: int | None = None,
-             num_parts: int | None = None, unit_bytes: int = UNIT_BYTES) -> dict:
+             num_parts: int | None = None, unit_bytes: int = UNIT_BYTES, log_interval: float = 30.0) -> dict:
     """Tokenize `inputs` into `output`; returns the manifest (for `part`, a summary of the part).
 
     Resumes an interrupted run given the same arguments; refuses an output made with others unless `overwrite`.
@@ -137,7 +137,7 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, text_key: str = "te
     error = None
     try:
         run_units(mine, paths, parts_dir(output, key), tok, text_key, manifest["dtype"], shard_tokens, strict,
-                  workers, desc)
+                  workers, desc, log_interval)
     except (ValueError, OSError) as e:
         if comm is None:
             raise

@@ -1,7 +1,14 @@
 """Preprocessing CLI: a re-run is a no-op, and one-line errors on bad input (worker counts: test_preprocess_parallel)."""
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 def test_rerun_is_a_no_op(corpus_dir, tokenizer_model, tmp_path):
@@ -41,3 +48,36 @@ def test_missing_tokenizer(corpus_dir, tmp_path):
     p = run_cli("-m", "preprocess", "tokenize", str(corpus_dir), "--tokenizer", str(tmp_path / "tok.model"),
                 "--output", str(tmp_path / "o"), check=False)
     _one_line_error(p, "tok.model")
+
+
+def _tokenize_cmd(corpus_dir, tokenizer_model, out, *extra):
+    return [sys.executable, "-m", "preprocess", "tokenize", str(corpus_dir), "--tokenizer", str(tokenizer_model),
+            "--output", str(out), "--workers", "1", *extra]
+
+
+def test_progress_bar_on_a_terminal(corpus_dir, tokenizer_model, tmp_path):
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a real terminal has a size
+    proc = subprocess.Popen(_tokenize_cmd(corpus_dir, tokenizer_model, tmp_path / "o"), stdin=slave,
+                            stdout=slave, stderr=slave, cwd=ROOT)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "\r" in screen and "B/s" in screen and "docs/s" in screen and "tok/s" in screen, screen[-2000:]
+
+
+def test_log_lines_when_not_a_terminal(corpus_dir, tokenizer_model, tmp_path):
+    p = run_cli(*_tokenize_cmd(corpus_dir, tokenizer_model, tmp_path / "o", "--log-interval", "0")[1:])
+    lines = [line for line in p.stderr.splitlines() if "%)" in line and "tokens/s" in line and "MB/s" in line]
+    assert lines, p.stderr
+    assert "\r" not in p.stderr
