@@ -166,8 +166,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then the overrides; validated."""
+def load_config(path: str | None, overrides: list[str] | None = None, check: bool = True) -> RunConfig:
+    """Defaults, then the YAML file, then the overrides; types always checked, cross-field rules when `check`."""
     raw: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -179,10 +179,10 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
                 raise ValueError(f"config file {path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
-    return from_dict(raw, parse_overrides(overrides or []))
+    return from_dict(raw, parse_overrides(overrides or []), check=check)
 
 
-def from_dict(*trees: dict) -> RunConfig:
+def from_dict(*trees: dict, check: bool = True) -> RunConfig:
     cfg = RunConfig()
     sections = {f.name for f in fields(cfg)}
     for tree in trees:
@@ -192,7 +192,8 @@ def from_dict(*trees: dict) -> RunConfig:
             if not isinstance(values, dict):
                 raise ValueError(f"config section '{section}' must be a mapping")
             _apply(getattr(cfg, section), values, section + ".")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -210,7 +211,14 @@ def resolve_model_defaults(m: ModelConfig) -> None:
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Refuse impossible configurations with one line per problem (joined), before any process group starts."""
+    """Refuse impossible configurations (every problem, joined into one line) before any process group starts."""
+    problems = find_problems(cfg, world_size)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
+    """Every reason this configuration cannot run, one sentence each (empty when it can)."""
     problems = []
     m, p, t = cfg.model, cfg.parallel, cfg.train
     resolve_model_defaults(m)
@@ -222,8 +230,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         problems.append(f"model.num_heads {m.num_heads} is not divisible by model.kv_heads {m.kv_heads}")
     if m.num_heads % p.tp or m.kv_heads % p.tp:
         problems.append(f"model.num_heads {m.num_heads} and model.kv_heads {m.kv_heads} must be divisible by parallel.tp {p.tp}")
-    if m.num_layers < p.pp:
-        problems.append(f"model.num_layers {m.num_layers} is fewer than parallel.pp {p.pp} stages")
+    if m.num_layers % p.pp:
+        problems.append(f"model.num_layers {m.num_layers} is not divisible by parallel.pp {p.pp}")
+    if m.make_vocab_size_divisible_by < 1:  # the vocabulary itself never blocks tp: it is padded (Megatron)
+        problems.append("model.make_vocab_size_divisible_by must be >= 1")
     if p.zero_stage not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
     if p.pp > 1 and p.zero_stage >= 2:
@@ -257,8 +267,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for i, d in enumerate(cfg.data.datasets):
         if not isinstance(d, dict) or "path" not in d:
             problems.append(f"data.datasets[{i}]: expected {{path, weight}}, got {d!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
+    return problems
+
+
+def padded_vocab_size(m: ModelConfig, tp: int = 1) -> int:
+    """Embedding rows: the vocabulary rounded up to a multiple of make_vocab_size_divisible_by·tp (Megatron's
+    rule), so that every tensor-parallel shard is equal."""
+    multiple = max(1, m.make_vocab_size_divisible_by) * tp
+    return -(-m.vocab_size // multiple) * multiple
 
 
 def dump(cfg: RunConfig) -> str:
