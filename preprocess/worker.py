@@ -99,8 +99,18 @@ def _read_range(path: str, a: int, b: int, aligned: bool):
     with open(path, "rb") as f:
         if not aligned and a > 0:
             f.seek(a - 1)
-            if f.read(1) != b"\n":
-                a += len(f.readline())  # the line in progress belongs to the previous task
+            if f.read(1) != b"\n":  # a line in progress belongs to the previous task: skip to the next start
+                while True:
+                    block = f.read(1 << 16)
+                    if not block:
+                        return
+                    i = block.find(b"\n")
+                    if i >= 0:
+                        a += i + 1
+                        break
+                    a += len(block)
+                    if a >= b:
+                        return  # no line starts in [a, b): one long line spans the whole task
         if a >= b:
             return
         f.seek(a)

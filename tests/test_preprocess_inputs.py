@@ -123,6 +123,7 @@ def test_strict_stops_at_first_bad_record(tokenizer_model, tmp_path, name, conte
 
 
 def test_huge_document_encoded_piecewise_gives_the_same_ids(tokenizer_model, tmp_path, monkeypatch):
+    import preprocess.runner as runner
     import preprocess.worker as worker
     from preprocess.tokenize import tokenize
 
@@ -131,8 +132,24 @@ def test_huge_document_encoded_piecewise_gives_the_same_ids(tokenizer_model, tmp
     text = " ".join(rng.choice(words, 60_000))
     (tmp_path / "h.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "tail"}) + "\n")
     monkeypatch.setattr(worker, "HUGE_CHARS", 5_000)  # ~80 pieces
+    monkeypatch.setattr(runner, "CHUNK_BYTES", 1 << 16)  # the line spans several tasks, only the first reads it
     tokenize([str(tmp_path / "h.jsonl")], str(tokenizer_model), str(tmp_path / "out"), workers=1)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     ds = IndexedDataset(tmp_path / "out" / "shard_00000")
     assert ds[0].tolist() == sp.encode(text) + [sp.eos_id()]
     assert ds[1].tolist() == sp.encode("tail") + [sp.eos_id()]
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 5000])
+def test_byte_ranges_cover_every_line_once(tmp_path, chunk):
+    from preprocess.worker import _read_range
+
+    rng = np.random.default_rng(chunk)
+    lines = [bytes(rng.integers(97, 123, size=int(n), dtype=np.uint8)) for n in rng.integers(0, 300, size=200)]
+    data = b"\n".join(lines)  # no newline at the end of the file
+    (tmp_path / "f.jsonl").write_bytes(data)
+    got = []
+    for a in range(0, len(data), chunk):
+        got += list(_read_range(str(tmp_path / "f.jsonl"), a, min(a + chunk, len(data)), a == 0))
+    assert [line for _, _, line in got] == lines
+    assert [s for s, _, _ in got] == [sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
