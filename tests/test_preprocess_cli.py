@@ -81,3 +81,17 @@ def test_log_lines_when_not_a_terminal(corpus_dir, tokenizer_model, tmp_path):
     lines = [line for line in p.stderr.splitlines() if "%)" in line and "tokens/s" in line and "MB/s" in line]
     assert lines, p.stderr
     assert "\r" not in p.stderr
+
+
+def test_inspect_verify_catches_a_changed_shard(multi_reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(multi_reference, out)
+    ok = run_cli("-m", "preprocess", "inspect", str(out), "--verify", "--docs", "1")
+    assert "shards OK" in ok.stdout and "--- document 0" in ok.stdout
+    data = bytearray((out / "shard_00003.bin").read_bytes())
+    data[10] ^= 1
+    (out / "shard_00003.bin").write_bytes(bytes(data))
+    bad = run_cli("-m", "preprocess", "inspect", str(out), "--verify", check=False)
+    assert bad.returncode != 0 and "shard_00003.bin: sha256 differs" in bad.stdout
