@@ -1,8 +1,15 @@
 """The DeepSpeed engine for a parallel layout, behind one train step and one eval step.
 
 The train loop sees only `TrainEngine`: it hands over this data-parallel rank's slice of a global batch and
-gets back the loss averaged over the whole global batch. Layout-specific work (ZeRO-3 data parallelism today;
-tensor and pipeline parallelism plug in here) stays out of the loop.
+gets back the loss averaged over the whole global batch, on every rank. The layout follows
+`parallel.tp`, `parallel.pp` and `parallel.zero_stage` (data-parallel size = world / (tp·pp)):
+
+    pp = 1   the model, tensor-parallel when tp > 1 (pipeline/parallel/tp.py), under ZeRO-0…3 with our `mpu`
+    pp > 1   the same model cut into a DeepSpeed PipelineModule (pipeline/parallel/pipe.py), TP inside each
+             stage, ZeRO-0/1 across data-parallel replicas, 1F1B through `train_batch`
+
+Parallelism is applied in a fixed order: build the unsharded model (seeded: the same on every rank), load
+`init_state_dict`, tensor-parallel, freeze, activation checkpointing, pipeline cut, then DeepSpeed.
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ from .model import build_model, lm_loss, num_params
 
 
 def build_optimizer(model, t):
-    """AdamW (torch's: no compiled ops) with no weight decay on norms and biases, and the LR schedule."""
+    """AdamW (torch's: no compiled ops) with no weight decay on norms and biases, and the LR schedule.
+
+    Only trainable parameters (requires_grad) reach the optimizer."""
     from .train import LRSchedule
 
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in {id(p): p for p in model.parameters()}.values():
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -28,23 +37,84 @@ def build_optimizer(model, t):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(t))
 
 
+def load_init_state(model, sd: dict) -> None:
+    """Load a full unsharded state dict (our names; vocabulary padded or not) into the unsharded model."""
+    from .parallel.tp import VOCAB, pad_vocab
+
+    own = model.state_dict()
+    sd = {k: pad_vocab(v, model.vocab_size, model.padded_vocab_size) if k in VOCAB else v for k, v in sd.items()}
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(k for k in set(own) - set(sd) if not (k == "lm_head.weight" and model.cfg.tie_embeddings))
+    if unexpected or missing:
+        raise ValueError(f"init_state_dict does not match model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"init_state_dict['{k}'] has shape {tuple(v.shape)}, the model config wants {tuple(own[k].shape)}")
+    model.load_state_dict(sd, strict=False)
+    if model.cfg.tie_embeddings and "lm_head.weight" in sd and "embed_tokens.weight" in sd and \
+            not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
+        raise ValueError("init_state_dict: lm_head.weight differs from embed_tokens.weight but model.tie_embeddings is set")
+
+
+def freeze_layers(model, k: int) -> None:
+    """train.freeze_layers=K: no gradient for the embeddings (the tied head too) and the bottom K blocks."""
+    if k > model.cfg.num_layers:
+        raise ValueError(f"train.freeze_layers {k} exceeds model.num_layers {model.cfg.num_layers}")
+    frozen = [model.embed_tokens] + ([model.embed_positions] if hasattr(model, "embed_positions") else [])
+    for m in frozen + list(model.layers[:k]):
+        m.requires_grad_(False)
+
+
 class TrainEngine:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, init_state_dict: dict | None = None):
         import deepspeed
 
+        from .parallel.groups import ParallelState
+        from .parallel.tp import apply_tp
+
         self.cfg = cfg
+        p = cfg.parallel
+        if p.pp > 1 and p.zero_stage >= 2:
+            raise ValueError(f"parallel.zero_stage {p.zero_stage} with parallel.pp {p.pp}: DeepSpeed's pipeline "
+                             "engine supports ZeRO 0-1 only; set parallel.zero_stage=1")
         self.world = dist.world_size()
-        self.dp_size = self.world // (cfg.parallel.tp * cfg.parallel.pp)
-        self.dp_rank = dist.rank() // (cfg.parallel.tp * cfg.parallel.pp)
-        self.dp_group = None  # the default group while there is no model parallelism
-        model = build_model(cfg.model, seed=cfg.train.seed)
-        model.checkpoint_activations = cfg.parallel.activation_checkpointing
-        self.num_params = num_params(model)
-        optimizer, self.scheduler = build_optimizer(model, cfg.train)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
-                                                    config=build_ds_config(cfg, self.dp_size))
-        self.device = self.engine.device
+        self.state = ParallelState(p.tp, p.pp)
+        self.dp_size, self.dp_rank = self.state.dp, self.state.coord.dp
+        self.dp_group = self.state.dp_group
         self.micro = cfg.train.micro_batch_size
+        model = build_model(cfg.model, seed=cfg.train.seed, tp=p.tp)
+        self.num_params = num_params(model) - (model.padded_vocab_size - model.vocab_size) * cfg.model.hidden_size * \
+            (1 if cfg.model.tie_embeddings else 2)
+        if init_state_dict is not None:
+            load_init_state(model, init_state_dict)
+        apply_tp(model, self.state)
+        if cfg.train.freeze_layers:  # after TP, which makes fresh parameters
+            freeze_layers(model, cfg.train.freeze_layers)
+        model.checkpoint_activations = p.activation_checkpointing
+        self.vocab_size, self.vocab_start = model.vocab_size, getattr(model, "vocab_start", 0)
+        self.pipelined = p.pp > 1
+        ds_config = build_ds_config(cfg, self.dp_size)
+        if self.pipelined:
+            from .parallel.pipe import build_pipeline_module
+
+            module = build_pipeline_module(model, self.state, self.loss)
+            del model  # every stage keeps only its own layers
+            optimizer, self.scheduler = build_optimizer(module, cfg.train)
+            self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                        lr_scheduler=self.scheduler, config=ds_config)
+        else:
+            optimizer, self.scheduler = build_optimizer(model, cfg.train)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
+                                                        config=ds_config, mpu=self.state if p.tp > 1 else None)
+        self.device = self.engine.device
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy; vocab-parallel (never the full logits) when tp > 1."""
+        if self.state.tp == 1:
+            return lm_loss(logits, labels)
+        from .parallel.layers import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.state.tp_group)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         if self.dp_size > 1:
@@ -52,13 +122,17 @@ class TrainEngine:
             value = value / self.dp_size
         return value.item()
 
+    def _micro_batches(self, batch: torch.Tensor):
+        return iter([(mb[:, :-1], mb[:, 1:]) for mb in batch.to(self.device).split(self.micro)])
+
     def train_step(self, batch: torch.Tensor) -> float:
         """One optimizer step on this rank's [per_rank, seq_len+1] tokens; returns the global-batch mean loss."""
-        batch = batch.to(self.device)
+        if self.pipelined:
+            return float(self.engine.train_batch(self._micro_batches(batch)))
         total = torch.zeros((), device=self.device)
-        chunks = batch.split(self.micro)
-        for mb in chunks:
-            loss = lm_loss(self.engine(mb[:, :-1]), mb[:, 1:])
+        chunks = list(self._micro_batches(batch))
+        for inputs, labels in chunks:
+            loss = self.loss(self.engine(inputs), labels)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -66,9 +140,11 @@ class TrainEngine:
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:
+        if self.pipelined:
+            n = -(-batch.shape[0] // self.micro)
+            return float(self.engine.eval_batch(self._micro_batches(batch), num_micro_batches=n))
         self.engine.eval()
-        batch = batch.to(self.device)
-        losses = [lm_loss(self.engine(mb[:, :-1]), mb[:, 1:]) for mb in batch.split(self.micro)]
+        losses = [self.loss(self.engine(x), y) for x, y in self._micro_batches(batch)]
         self.engine.train()
         return self._dp_mean(torch.stack(losses).mean())
 
@@ -79,6 +155,43 @@ class TrainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def local_state_dict(self) -> dict:
+        """This rank's parameters (its TP shard, its pipeline stage) under our model's names, on CPU.
 
-def build_engine(cfg: RunConfig) -> TrainEngine:
-    return TrainEngine(cfg)
+        Collective under ZeRO-3 (every rank must call it)."""
+        import deepspeed
+
+        module = self.engine.module
+        if self.pipelined:
+            from .parallel.pipe import pipe_state_to_model
+
+            out = {}
+            for i, layer in enumerate(module.forward_funcs):
+                if hasattr(layer, "state_dict"):
+                    out.update(pipe_state_to_model(module._local_start + i, layer.state_dict(), self.cfg.model))
+            return {k: v.detach().cpu().clone() for k, v in out.items()}
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.parallel.zero_stage == 3):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def full_state_dict(self) -> dict:
+        """The whole unsharded model (vocabulary padding stripped), assembled on every rank. Collective.
+
+        For checks and small models: every rank's shard travels to every rank."""
+        from .parallel.tp import merge_tp_shards, strip_vocab_padding
+
+        mine = (self.state.coord, self.local_state_dict())
+        everyone = [None] * self.world
+        tdist.all_gather_object(everyone, mine) if self.world > 1 else everyone.__setitem__(0, mine)
+        stages: dict = {}
+        for c, sd in everyone:
+            if c.dp == 0:
+                stages.setdefault(c.tp, {}).update(sd)
+        full = merge_tp_shards([stages[r] for r in sorted(stages)], self.cfg.model)
+        return strip_vocab_padding(full, self.cfg.model)
+
+
+def build_engine(cfg: RunConfig, init_state_dict: dict | None = None) -> TrainEngine:
+    """The engine for cfg's layout; `init_state_dict` (a full unsharded state dict in our names, vocabulary
+    padded or not) replaces the seeded initial weights, e.g. a converted Hugging Face model."""
+    return TrainEngine(cfg, init_state_dict)

@@ -1,11 +1,16 @@
 """Decoder-only transformer in plain PyTorch: GPT-2/3 style (`arch: gpt`) and Llama style (`arch: llama`).
 
 No parallelism, no DeepSpeed, no I/O: tensor parallelism, activation checkpointing and ZeRO are applied from
-outside. Parameter names and layouts follow Hugging Face's conventions closely enough that conversion is a
-renaming (GPT-2's Conv1D weights are transposed on export).
+outside (pipeline/parallel/). Parameter names and layouts follow Hugging Face's conventions closely enough that
+conversion is a renaming (GPT-2's Conv1D weights are transposed on export).
+
+Vocabulary padding: `embed_tokens` and `lm_head` have `padded_vocab_size` rows (Megatron's rule: a multiple of
+make_vocab_size_divisible_by x tp, so that tensor-parallel shards are equal and matmuls aligned). Padded rows
+start at zero and are never seen by the loss: `forward` returns logits over the real vocabulary only.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -42,9 +47,17 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple` (make_vocab_size_divisible_by x tp)."""
+    return -(-vocab_size // multiple) * multiple
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # A context for the attention-dropout RNG: tensor parallelism swaps in one that differs per rank
+        # (each rank holds different heads), see pipeline/parallel/random.py.
+        self.dropout_rng = contextlib.nullcontext
         self.num_heads, self.kv_heads = cfg.num_heads, cfg.kv_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         bias = cfg.arch == "gpt"
@@ -75,8 +88,9 @@ class Attention(nn.Module):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+            with self.dropout_rng():
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                     dropout_p=self.dropout if self.training else 0.0)
         else:
             mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -116,20 +130,28 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: int = 1):
+        """`tp` only sets the vocabulary padding (a multiple of make_vocab_size_divisible_by x tp)."""
         super().__init__()
+        # reset_parameters draws from the generator state at construction start, so the submodules' own
+        # default initialisation (whose draws depend on the padded sizes) cannot shift the weights.
+        rng = torch.get_rng_state()
         resolve_model_defaults(cfg)
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is unset (it is normally taken from the data manifest)")
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, max(1, cfg.make_vocab_size_divisible_by) * tp)
+        # True once lm_head is vocab-parallel: forward then returns this rank's slice of the padded logits.
+        self.vocab_parallel = False
+        self.embed_tokens = nn.Embedding(self.padded_vocab_size, cfg.hidden_size)
         if cfg.arch == "gpt":
             self.embed_positions = nn.Embedding(cfg.seq_len, cfg.hidden_size)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else \
             nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.arch == "llama":
@@ -137,10 +159,15 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_activations = False
+        torch.set_rng_state(rng)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2·layers)."""
+        """Normal(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2·layers).
+
+        Vocabulary rows past vocab_size are zero, and the real rows draw exactly the random numbers an unpadded
+        model would, so the weights do not depend on the padding (nor, hence, on tp)."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, p in self.named_parameters():
@@ -148,6 +175,9 @@ class Transformer(nn.Module):
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, out_std)
+            elif name in ("embed_tokens.weight", "lm_head.weight"):
+                p.zero_()
+                nn.init.normal_(p[:self.vocab_size], 0.0, std)
             else:
                 nn.init.normal_(p, 0.0, std)
 
@@ -157,7 +187,9 @@ class Transformer(nn.Module):
         return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
 
     def forward(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int = 0) -> torch.Tensor:
-        """tokens [batch, seq] → logits [batch, seq, vocab]. `caches` (one dict per layer) enables KV caching."""
+        """tokens [batch, seq] → logits [batch, seq, vocab]. `caches` (one dict per layer) enables KV caching.
+
+        Vocab-parallel (after apply_tp): logits [batch, seq, padded_vocab/tp], this rank's slice, padding included."""
         s = tokens.shape[1]
         if start_pos + s > self.cfg.seq_len:
             raise ValueError(f"sequence of {start_pos + s} tokens exceeds model.seq_len {self.cfg.seq_len}")
@@ -172,7 +204,10 @@ class Transformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, use_reentrant=False)
             else:
                 h = layer(h, rope, cache)
-        return self.lm_head(self.norm(h))
+        logits = self.lm_head(self.norm(h))
+        if self.vocab_parallel or logits.shape[-1] == self.vocab_size:
+            return logits
+        return logits[..., :self.vocab_size]
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,13 +219,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def build_model(cfg: ModelConfig, seed: int | None = None) -> Transformer:
-    """Build the unsharded model; with `seed` the initial weights are the same in every process."""
+def build_model(cfg: ModelConfig, seed: int | None = None, tp: int = 1) -> Transformer:
+    """Build the unsharded model; with `seed` the initial weights are the same in every process.
+
+    `tp` pads the vocabulary for that tensor-parallel size; the real weights are the same for any `tp`."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return Transformer(cfg)
-    return Transformer(cfg)
+            return Transformer(cfg, tp)
+    return Transformer(cfg, tp)
 
 
 def num_params(model: nn.Module) -> int:

@@ -1,0 +1,140 @@
+"""The model as DeepSpeed pipeline stages: the same blocks as pipeline/model.py, cut into a PipelineModule.
+
+Pipeline layers, in order (L = model.num_layers); each becomes `layer_XX[-model_YY]-model_states.pt` in a
+checkpoint (XX the layer index below, YY the TP rank when tp > 1), holding that layer's state dict:
+
+    0          EmbedPipe   embed_tokens.weight (+ embed_positions.weight for gpt)
+    1 … L      BlockPipe   block i-1: the keys of `layers.{i-1}.*` without that prefix
+    L+1        NormPipe    norm.weight (+ norm.bias for gpt)
+    L+2        HeadPipe    lm_head.weight (llama); for gpt (tied) the head reuses layer 0's embed_tokens.weight
+                           through TiedLayerSpec and writes no file of its own
+
+`pipe_layer_to_names(cfg)` gives this mapping as data; `pipe_state_to_model` renames one layer's state dict.
+Stages are balanced by transformer blocks (partition_method "type:BlockPipe"); the embedding sits on the first
+stage and the norm and head on the last.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import Block, Transformer
+
+
+def pipe_layer_to_names(cfg) -> dict[int, dict[str, str]]:
+    """{pipeline layer index: {key in that layer's state dict: our model's parameter name}}.
+
+    Only layers that own parameters in a checkpoint appear (gpt's tied head does not)."""
+    from ..config import resolve_model_defaults
+
+    resolve_model_defaults(cfg)
+    gpt, L = cfg.arch == "gpt", cfg.num_layers
+    block_keys = ["input_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+                  "attn.o_proj.weight", "post_attn_norm.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    if gpt:
+        block_keys += ["input_norm.bias", "attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias",
+                       "attn.o_proj.bias", "post_attn_norm.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"]
+    else:
+        block_keys += ["mlp.gate_proj.weight"]
+    out = {0: {"embed_tokens.weight": "embed_tokens.weight"}}
+    if gpt:
+        out[0]["embed_positions.weight"] = "embed_positions.weight"
+    for i in range(L):
+        out[i + 1] = {k: f"layers.{i}.{k}" for k in block_keys}
+    out[L + 1] = {"norm.weight": "norm.weight", **({"norm.bias": "norm.bias"} if gpt else {})}
+    if not cfg.tie_embeddings:
+        out[L + 2] = {"lm_head.weight": "lm_head.weight"}
+    return out
+
+
+def pipe_state_to_model(layer: int, sd: dict, cfg) -> dict:
+    """One pipeline layer's state dict renamed to our model's parameter names."""
+    names = pipe_layer_to_names(cfg).get(layer, {})
+    unknown = sorted(set(sd) - set(names))
+    if unknown:
+        raise ValueError(f"pipeline layer {layer}: unexpected keys {unknown}")
+    return {names[k]: v for k, v in sd.items()}
+
+
+class EmbedPipe(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.gpt = model.cfg.arch == "gpt"
+        self.embed_tokens = model.embed_tokens
+        if self.gpt:
+            self.embed_positions = model.embed_positions
+        self.drop = model.drop
+
+    def forward(self, tokens):
+        h = self.embed_tokens(tokens)
+        if self.gpt:
+            h = h + self.embed_positions(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(h)
+
+
+class BlockPipe(Block):
+    """A model block (its own submodules, same names) that computes its RoPE tables itself."""
+
+    def __init__(self, block: Block, model: Transformer):
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        self.checkpoint_activations = model.checkpoint_activations
+        self.llama = model.cfg.arch == "llama"
+        if self.llama:
+            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
+            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+
+    def forward(self, h):
+        rope = (self.rope_cos[:h.shape[1]], self.rope_sin[:h.shape[1]]) if self.llama else None
+        if self.checkpoint_activations and self.training:
+            return torch.utils.checkpoint.checkpoint(super().forward, h, rope, use_reentrant=False)
+        return super().forward(h, rope)
+
+
+class NormPipe(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.norm = model.norm
+
+    def forward(self, h):
+        return self.norm(h)
+
+
+class HeadPipe(nn.Module):
+    """The output projection; for tied embeddings built as the last stage's copy of the embedding."""
+
+    def __init__(self, model: Transformer, tied: bool = False):
+        super().__init__()
+        if tied:  # the parameter lives in embed_tokens; the head module only applies it
+            self.embed_tokens = model.embed_tokens
+        else:
+            self.lm_head = model.lm_head
+        self._head = [model.lm_head]  # a list, so that it is not registered twice
+        self.vocab = None if model.vocab_parallel else model.vocab_size
+
+    def forward(self, h):
+        logits = self._head[0](h)
+        return logits[..., :self.vocab] if self.vocab and logits.shape[-1] != self.vocab else logits
+
+
+def _tied_head_forward(module, h):
+    return HeadPipe.forward(module, h)
+
+
+def build_pipeline_module(model: Transformer, state, loss_fn):
+    """Cut an (already tensor-parallel) model into DeepSpeed pipeline stages for `state` (a ParallelState).
+
+    Every rank passes the whole model; each stage keeps only its own layers once the caller drops `model`."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    cfg = model.cfg
+    tied = bool(cfg.tie_embeddings)
+    specs = [TiedLayerSpec("embed", EmbedPipe, model, tied_weight_attr=["embed_tokens.weight"]) if tied
+             else LayerSpec(EmbedPipe, model)]
+    specs += [LayerSpec(BlockPipe, block, model) for block in model.layers]
+    specs.append(LayerSpec(NormPipe, model))
+    specs.append(TiedLayerSpec("embed", HeadPipe, model, True, forward_fn=_tied_head_forward,
+                               tied_weight_attr=["embed_tokens.weight"]) if tied else LayerSpec(HeadPipe, model))
+    return PipelineModule(layers=specs, topology=state.topology(), loss_fn=loss_fn,
+                          partition_method="type:BlockPipe")

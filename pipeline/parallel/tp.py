@@ -1,0 +1,134 @@
+"""Megatron-style tensor parallelism applied from outside the model, and the state-dict rules behind it.
+
+Which parameter is split along which dimension (names as in pipeline/model.py):
+
+    column-parallel (dim 0)  attn.{q,k,v}_proj.{weight,bias}, mlp.{gate,up}_proj.{weight,bias}
+    row-parallel    (dim 1)  attn.o_proj.weight, mlp.down_proj.weight   (their biases are replicated)
+    vocab-parallel  (dim 0)  embed_tokens.weight, lm_head.weight        (padded rows; see below)
+    replicated               norms, embed_positions, row-parallel biases
+
+Rank r holds the r-th of tp equal contiguous chunks. Query heads and kv heads split alike, so the query heads of
+rank r use exactly the kv heads of rank r under grouped-query attention.
+
+Vocabulary rows are padded to `padded_vocab(cfg, tp)` = a multiple of make_vocab_size_divisible_by x tp; pad
+rows are zero at initialisation and never reach the loss. `shard_for_tp` takes a full state dict with the vocab
+unpadded or padded for any tp; `merge_tp_shards` returns it padded for the tp it merged (`strip_vocab_padding`
+cuts it back to vocab_size). Both are pure tensor functions: no process group, no GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig, resolve_model_defaults
+from ..model import padded_vocab_size
+
+COLUMN = ("attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias",
+          "attn.v_proj.weight", "attn.v_proj.bias", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+          "mlp.up_proj.bias")
+ROW = ("attn.o_proj.weight", "mlp.down_proj.weight")
+VOCAB = ("embed_tokens.weight", "lm_head.weight")
+
+
+def padded_vocab(cfg: ModelConfig, tp: int) -> int:
+    return padded_vocab_size(cfg.vocab_size, max(1, cfg.make_vocab_size_divisible_by) * tp)
+
+
+def split_dim(name: str) -> int | None:
+    """The dimension along which TP splits this parameter (our model's names), or None if replicated."""
+    if name in VOCAB or name.endswith(COLUMN):
+        return 0
+    if name.endswith(ROW):
+        return 1
+    return None
+
+
+def pad_vocab(t: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
+    """Real rows [0, vocab_size) of `t`, then zero rows up to `rows` (whatever padding `t` had)."""
+    if t.shape[0] < vocab_size:
+        raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, fewer than model.vocab_size {vocab_size}")
+    out = t.new_zeros((rows,) + tuple(t.shape[1:]))
+    out[:vocab_size] = t[:vocab_size]
+    return out
+
+
+def strip_vocab_padding(sd: dict, cfg: ModelConfig) -> dict:
+    """The state dict with embed_tokens/lm_head cut to model.vocab_size rows (for export)."""
+    return {k: (v[:cfg.vocab_size] if k in VOCAB else v) for k, v in sd.items()}
+
+
+def shard_for_tp(full: dict, cfg: ModelConfig, tp_rank: int, tp: int) -> dict:
+    """The state dict TP rank `tp_rank` of `tp` holds, from a full one (vocab unpadded or padded)."""
+    resolve_model_defaults(cfg)
+    rows = padded_vocab(cfg, tp)
+    out = {}
+    for name, t in full.items():
+        if name in VOCAB:
+            t = pad_vocab(t, cfg.vocab_size, rows)
+        dim = split_dim(name)
+        if dim is None or tp == 1:
+            out[name] = t
+            continue
+        if t.shape[dim] % tp:
+            raise ValueError(f"{name}: dimension {dim} of size {t.shape[dim]} is not divisible by tp {tp}")
+        out[name] = t.chunk(tp, dim=dim)[tp_rank].clone()
+    return out
+
+
+def merge_tp_shards(shards: list[dict], cfg: ModelConfig) -> dict:
+    """The full state dict from the state dicts of TP ranks 0..tp-1 (vocab padded for that tp)."""
+    if not shards:
+        raise ValueError("merge_tp_shards: no shards given")
+    names = list(shards[0])
+    for r, sd in enumerate(shards[1:], 1):
+        if set(sd) != set(names):
+            raise ValueError(f"merge_tp_shards: TP rank {r} has different parameter names than rank 0")
+    out = {}
+    for name in names:
+        dim = split_dim(name)
+        out[name] = shards[0][name] if dim is None or len(shards) == 1 else \
+            torch.cat([sd[name] for sd in shards], dim=dim)
+    return out
+
+
+def apply_tp(model, state) -> None:
+    """Shard an unsharded model (built with build_model(cfg, seed, tp)) in place for this rank's TP slice.
+
+    `state` is a ParallelState. Linears become column/row-parallel, the embedding and output projection
+    vocab-parallel (forward then returns this rank's logit columns: use vocab_parallel_cross_entropy), and
+    attention dropout draws from the per-rank RNG."""
+    from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
+    from .random import tp_rng_context
+
+    tp, rank, group = state.tp, state.coord.tp, state.tp_group
+    if tp == 1:
+        return
+    cfg = model.cfg
+    if model.padded_vocab_size % tp:
+        raise ValueError(f"model built with {model.padded_vocab_size} vocabulary rows, not divisible by tp {tp}: "
+                         "build it with build_model(cfg, seed, tp)")
+    shards = shard_for_tp({k: v.detach() for k, v in model.state_dict().items()}, cfg, rank, tp)
+    rows = model.padded_vocab_size // tp
+    model.embed_tokens = VocabParallelEmbedding(shards["embed_tokens.weight"], rank * rows, group)
+    if cfg.tie_embeddings:
+        model.lm_head = VocabParallelHead(model.embed_tokens.weight, group)
+    else:
+        from .layers import mark_sharded
+
+        model.lm_head = VocabParallelHead(mark_sharded(torch.nn.Parameter(shards["lm_head.weight"]), 0), group)
+    model.vocab_parallel = True
+    model.vocab_start = rank * rows
+
+    def sub(prefix, name):
+        return shards[f"{prefix}.{name}.weight"], shards.get(f"{prefix}.{name}.bias")
+
+    for i, block in enumerate(model.layers):
+        p = f"layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(block.attn, name, ColumnParallelLinear(*sub(f"{p}.attn", name), group))
+        block.attn.o_proj = RowParallelLinear(*sub(f"{p}.attn", "o_proj"), group)
+        if cfg.dropout > 0:
+            block.attn.dropout_rng = tp_rng_context(rank)
+        names = ("gate_proj", "up_proj") if block.mlp.gated else ("up_proj",)
+        for name in names:
+            setattr(block.mlp, name, ColumnParallelLinear(*sub(f"{p}.mlp", name), group))
+        block.mlp.down_proj = RowParallelLinear(*sub(f"{p}.mlp", "down_proj"), group)
