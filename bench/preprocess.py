@@ -96,12 +96,29 @@ def make_corpus(size_mb: int) -> list[str]:
     return files
 
 
+def make_huge_document(size_mb: int) -> list[str]:
+    """One jsonl file holding a single document of `size_mb` MB (plus a short one after it)."""
+    path = os.path.join(WORK, f"huge_{size_mb}mb", "huge.jsonl")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        rng = random.Random(0)
+        paragraphs = [json.loads(line)["text"] for line in open(make_corpus(10)[0])][:200]
+        parts, size = [], 0
+        while size < size_mb * 1e6:
+            parts.append(rng.choice(paragraphs))
+            size += len(parts[-1]) + 2
+        with open(path + ".tmp", "w") as f:
+            f.write(json.dumps({"text": "\n\n".join(parts)}) + "\n" + json.dumps({"text": "after"}) + "\n")
+        os.replace(path + ".tmp", path)
+    return [path]
+
+
 def make_tokenizer(files: list[str], vocab: int) -> str:
     out = os.path.join(WORK, f"tokenizer_{vocab}")
     model = os.path.join(out, "tokenizer.model")
     if not os.path.exists(model):
         run([sys.executable, "-m", "preprocess", "train-tokenizer", *files, "--output", out, "--vocab-size",
-             str(vocab), "--sample-docs", "3000"])
+             str(vocab), "--sample-docs", "1000"])
     return model
 
 
@@ -156,7 +173,15 @@ def main() -> None:
     ap.add_argument("--small-mb", type=int, default=100, help="second corpus size for the RSS comparison")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=1, help="best of N for each timing")
+    ap.add_argument("--huge-mb", type=int, default=0, help="only measure peak RSS on one document of this size")
     args = ap.parse_args()
+    if args.huge_mb:
+        model = make_tokenizer(make_corpus(args.size_mb), args.vocab)
+        files = make_huge_document(args.huge_mb)
+        r = tokenize(files, model, 2, "huge")
+        print(f"one {args.huge_mb} MB document: {r['tokens']:,} tokens in {r['seconds']:.1f} s, peak RSS "
+              f"{r['rss'] / 2**20:.0f} MiB over all processes (2 workers)")
+        return
     files = make_corpus(args.size_mb)
     small = make_corpus(args.small_mb)
     model = make_tokenizer(files, args.vocab)

@@ -10,6 +10,7 @@ never depend on `--workers`, on the number of MPI ranks or Slurm array tasks, or
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -59,12 +60,15 @@ def _on_rank0(comm, fn):
 
 
 def _clear(output: str, old: dict | None) -> None:
+    """Remove a previous output; tolerant of array tasks doing the same at the same moment."""
     for name in os.listdir(output):
         if _SHARD_FILE.match(name):
-            os.remove(os.path.join(output, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output, name))
     if old and "args" in old:
         shutil.rmtree(parts_dir(output, old["args"]), ignore_errors=True)
-    os.remove(os.path.join(output, "manifest.json"))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output, "manifest.json"))
 
 
 def prepare_output(output: str, key: dict, tok: dict, overwrite: bool) -> dict:
