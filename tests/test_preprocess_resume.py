@@ -70,3 +70,27 @@ def test_external_kill9_of_the_process_group(multi_corpus, tokenizer_model, mult
     run_cli(*_args(multi_corpus, tokenizer_model, out, 2))
     assert shard_bytes(out) == shard_bytes(multi_reference)
     assert not list(out.glob("**/*.tmp*"))
+
+
+def test_resume_of_compressed_inputs(multi_corpus, tokenizer_model, tmp_path):
+    """Record-mode inputs (read by the parent, resumed by line number), here .jsonl.gz and .parquet."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preprocess.tokenize import tokenize
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        (src / f"part{i}.jsonl.gz").write_bytes(gzip.compress((multi_corpus / f"part{i}.jsonl").read_bytes()))
+    texts = [json.loads(line)["text"] for line in (multi_corpus / "part3.jsonl").read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts}), src / "part3.parquet", row_group_size=8)
+    tokenize([str(src)], str(tokenizer_model), str(tmp_path / "ref"), workers=1, shard_tokens=20000,
+             unit_bytes=200000)
+    out = tmp_path / "o"
+    p = run_cli(*_args(src, tokenizer_model, out, 2), env={"PREPROCESS_KILL_AFTER_SHARDS": "9"}, check=False)
+    assert p.returncode == -signal.SIGKILL
+    run_cli(*_args(src, tokenizer_model, out, 2))
+    assert shard_bytes(out) == shard_bytes(tmp_path / "ref")
