@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 from .indexed import IndexedDataset
 from .join import read_manifest
+from .plan import load_unit_state, parts_dir
 
 
 def _sha256(path: str) -> str:
@@ -34,6 +36,22 @@ def verify(output: str, manifest: dict) -> list[str]:
     return problems
 
 
+def _print_units(output: str, manifest: dict) -> None:
+    """Progress of an unfinished run, from the unit states (what a Slurm array has done so far)."""
+    parts = parts_dir(output, manifest["args"])
+    plan = os.path.join(parts, "plan.json")
+    if not os.path.isfile(plan):
+        print("units: none started")
+        return
+    with open(plan) as f:
+        n = len(json.load(f)["units"])
+    states = [load_unit_state(parts, u) for u in range(n)]
+    done = sum(st["done"] for st in states)
+    shards = sum(len(st["shards"]) for st in states)
+    print(f"units: {done} of {n} done, {shards} shards written so far; re-run the same tokenize command "
+          f"(or the missing --part tasks, then `join`) to finish")
+
+
 def inspect(output: str, docs: int = 0, check: bool = False) -> bool:
     """Print the summary (and `docs` decoded documents); returns False when --verify found a problem."""
     m = read_manifest(output)
@@ -41,6 +59,8 @@ def inspect(output: str, docs: int = 0, check: bool = False) -> bool:
     total_tokens = sum(s["tokens"] for s in m["shards"])
     print(f"{output}: {'complete' if m.get('complete') else 'INCOMPLETE'}, {len(m['shards'])} shards, "
           f"{total_docs:,} documents, {total_tokens:,} tokens, dtype {m['dtype']}")
+    if not m.get("complete") and "args" in m:
+        _print_units(output, m)
     print(f"tokenizer: {m['tokenizer']['path']} (vocab {m['tokenizer']['vocab_size']}, eod {m['tokenizer']['eod_id']})")
     print(f"inputs: {len(m['inputs'])} files, {sum(i['bytes'] for i in m['inputs']) / 1e6:,.1f} MB")
     for s in m["shards"]:

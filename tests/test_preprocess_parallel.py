@@ -39,6 +39,8 @@ def test_array_parts_then_join_same_bytes(multi_corpus, tokenizer_model, multi_r
     early = run_cli("-m", "preprocess", "join", str(out), check=False)
     assert early.returncode != 0 and "not finished" in early.stderr
     assert not json.loads((out / "manifest.json").read_text())["complete"]
+    status = run_cli("-m", "preprocess", "inspect", str(out)).stdout
+    assert "INCOMPLETE" in status and "units: " in status and " of " in status
     p = _tokenize(multi_corpus, tokenizer_model, out, "--workers", "2", "--part", "1", "--num-parts", "3")
     assert "part 1 of 3 done" in p.stdout
     run_cli("-m", "preprocess", "join", str(out))
