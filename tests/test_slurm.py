@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 from tests.slurm_cluster import SlurmCluster, missing_tools
 
 _missing = missing_tools()
@@ -30,6 +31,10 @@ if _missing:
 # Two nodes with one task each; the script's GPU/CPU defaults are for a real cluster.
 NODES_2x1 = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1")
 JOB_TIMEOUT = 240
+# DeepSpeed JIT-compiles a shared-memory op at start-up, cached in TORCH_EXTENSIONS_DIR. Processes that run with
+# another ninja on PATH rebuild the shared default cache (FACTS.md), which costs these jobs minutes each when other
+# test runs share the machine: the jobs get a cache of their own (built once per machine).
+JOB_ENV = {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions_slurm_tests")}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,7 @@ def train_rows(tmp: Path) -> list[dict]:
 
 def submit_train(cluster, tmp: Path, *overrides, env=None) -> str:
     return cluster.sbatch(*NODES_2x1, f"--output={tmp}/slurm-%j.out", "slurm/train.sbatch",
-                          tmp / "run.yaml", *overrides, cwd=ROOT, env=env)
+                          tmp / "run.yaml", *overrides, cwd=ROOT, env={**JOB_ENV, **(env or {})})
 
 
 def job_log(tmp: Path, job_id: str) -> str:
@@ -93,13 +98,12 @@ def test_uninterrupted_job_finishes_without_requeue(uninterrupted):
     assert "launch: node n2 rank 1/2 local_rank 0 gpu none" in log
     assert "world 2 (dp 2" in log
     assert "requeueing" not in log
-    assert log.rstrip().endswith("train.sbatch: training finished")
+    assert log.rstrip().endswith("train.sbatch: done")
 
 
 def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, uninterrupted, token_dir, tmp_path):
     train_config(tmp_path, token_dir)
-    job = cluster.sbatch(*NODES_2x1, f"--output={tmp_path}/slurm-%j.out", "slurm/train.sbatch",
-                         tmp_path / "run.yaml", cwd=ROOT)
+    job = submit_train(cluster, tmp_path)
     deadline = time.time() + JOB_TIMEOUT
     while len(train_rows(tmp_path)) < 8:  # mid-run: a few steps logged, well before step 40
         assert time.time() < deadline, f"no progress\n{job_log(tmp_path, job)[-3000:]}"
@@ -139,3 +143,32 @@ def test_broken_config_fails_fast_without_requeue(cluster, token_dir, tmp_path):
     assert "requeueing" not in log
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "log.jsonl").exists()
     assert time.time() - t0 < 60
+
+
+def test_preprocess_array_and_join_match_a_single_process(cluster, corpus_dir, tokenizer_model, tmp_path):
+    opts = ["--tokenizer", str(tokenizer_model), "--unit-bytes", "200000", "--shard-tokens", "50000"]
+    run_cli("-m", "preprocess", "tokenize", str(corpus_dir), *opts, "--output", str(tmp_path / "single"),
+            "--workers", "1")
+    env = {**cluster.env, "SBATCH_ARGS": "--cpus-per-task=1", "LOG_DIR": str(tmp_path / "logs")}
+    sub = subprocess.run(["bash", "slurm/submit_preprocess.sh", "3", str(corpus_dir), *opts,
+                          "--output", str(tmp_path / "array")], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    array_job, join_job = sub.stdout.split()[-2:]
+    assert cluster.job(join_job)["Dependency"] in (f"afterok:{array_job}_*(unfulfilled)", "(null)")
+    join = cluster.wait(join_job, JOB_TIMEOUT)
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    assert (join["JobState"], join["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    tasks = [cluster.job(f"{array_job}_{i}") for i in range(3)]
+    assert [t["JobState"] for t in tasks] == ["COMPLETED"] * 3
+    assert max(t["EndTime"] for t in tasks) <= join["StartTime"]
+    for i in range(3):
+        assert f"--part {i} --num-parts 3" in logs[f"preprocess-{array_job}_{i}.out"]
+    assert "preprocess join" in logs[f"preprocess-join-{join_job}.out"]
+
+    single = {p.name: p.read_bytes() for p in (tmp_path / "single").iterdir()}
+    array = {p.name: p.read_bytes() for p in (tmp_path / "array").iterdir()}
+    assert len([n for n in single if n.endswith(".bin")]) > 3  # several shards from several parts
+    assert sorted(array) == sorted(single)
+    for name in single:
+        assert array[name] == single[name], name
