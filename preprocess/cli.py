@@ -111,7 +111,9 @@ def main(argv=None) -> None:
 
             write_demo_corpus(args.output)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under MPI every rank fails with the same message: rank 0 says it once.
+        if not any(os.environ.get(v, "0") not in ("", "0") for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")):
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 

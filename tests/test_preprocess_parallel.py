@@ -74,3 +74,19 @@ def test_different_arguments_refused_unless_overwrite(multi_corpus, tokenizer_mo
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and len(list(out.glob("shard_*.bin"))) == len(m["shards"])
     assert len(m["shards"]) < len(shard_bytes(multi_reference)["shards"])
+
+
+def test_mpirun_strict_error_on_one_rank_stops_all(multi_corpus, tokenizer_model, tmp_path):
+    src = tmp_path / "in"
+    shutil.copytree(multi_corpus, src)
+    with open(src / "part3.jsonl", "a") as f:
+        f.write('{"text": 5}\n')
+    lines = len((src / "part3.jsonl").read_text().splitlines())
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mpirun"), "-n", "2", sys.executable, "-m", "preprocess",
+           "tokenize", str(src), "--tokenizer", str(tokenizer_model), "--output", str(tmp_path / "o"),
+           "--workers", "1", "--strict", *PREPROCESS_SPLIT]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"part3.jsonl:{lines}: non_string_text" in errors[0], p.stderr
+    assert not json.loads((tmp_path / "o" / "manifest.json").read_text())["complete"]
