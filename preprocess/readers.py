@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import glob
 import gzip
-import io
 import json
 import os
 from dataclasses import dataclass
