@@ -38,7 +38,7 @@ SIGNALLED=""
 _forward() {
   [ -n "$SIGNALLED" ] && return
   SIGNALLED=$1
-  echo "$SCRIPT: caught SIG$1; stopping the step (USR1) so that the job can be requeued"
+  echo "$SCRIPT: caught SIG$1; asking the step to save its state and stop (USR1)"
   scancel --signal=USR1 "$SLURM_JOB_ID"
 }
 trap '_forward USR1' USR1
@@ -48,7 +48,7 @@ trap '_forward TERM' TERM
 # exit 0 if it succeeded, requeue the job if it exited 85 or was stopped by a signal (up to MAX_REQUEUES), or
 # else end the log with the failure's one-line reason and exit non-zero.
 run_step() {
-  local args=(--kill-on-bad-exit=1) pid rc
+  local args=(--kill-on-bad-exit=1) pid rc state
   [ "$LAUNCH" = pmi2 ] && args+=(--mpi=pmi2)
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
   srun "${args[@]}" bash slurm/task.sh "$@" &
@@ -66,6 +66,13 @@ run_step() {
     if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
       echo "error: stopped after $RESTARTS requeues (MAX_REQUEUES=$MAX_REQUEUES); resubmit the same command to continue" >&2
       exit "$EXIT_REQUEUE"
+    fi
+    # `scancel` also sends TERM: a cancelled job stays cancelled. Slurm itself requeues preempted jobs in
+    # PreemptMode=REQUEUE, which leaves the job no longer RUNNING here.
+    state=$(scontrol show job -o "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+    if [ "$state" != RUNNING ]; then
+      echo "$SCRIPT: step exited with $rc after a signal; the job is $state, so not requeueing it"
+      exit "$rc"
     fi
     echo "$SCRIPT: step exited with $rc after a signal; requeueing (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES)"
     scontrol requeue "$SLURM_JOB_ID" && exit 0

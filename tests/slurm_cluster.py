@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -93,6 +94,7 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + len(NODES))
+        # Random job ids: train.sbatch derives MASTER_PORT from the job id, and clusters may run side by side.
         host = socket.gethostname()
         r = self.root
         for d in ("state", "spool"):
@@ -101,6 +103,7 @@ class SlurmCluster:
                           for n, p in zip(NODES, node_ports))
         self.conf.write_text(f"""\
 ClusterName=pytest
+FirstJobId={random.randint(1000, 900000)}
 SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 AuthType=auth/munge

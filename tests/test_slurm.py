@@ -97,7 +97,7 @@ def test_uninterrupted_job_finishes_without_requeue(uninterrupted):
     assert "launch: node n1 rank 0/2 local_rank 0 gpu none" in log
     assert "launch: node n2 rank 1/2 local_rank 0 gpu none" in log
     assert "world 2 (dp 2" in log
-    assert "requeueing" not in log
+    assert "requeueing (restart" not in log
     assert log.rstrip().endswith("train.sbatch: done")
 
 
@@ -140,7 +140,7 @@ def test_broken_config_fails_fast_without_requeue(cluster, token_dir, tmp_path):
     assert info["ExitCode"] in ("2:0", "143:0"), info["ExitCode"]
     last = log.rstrip().splitlines()[-1]
     assert last.startswith("error: ") and "model.num_heads 3" in last, log[-3000:]
-    assert "requeueing" not in log
+    assert "requeueing (restart" not in log
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "log.jsonl").exists()
     assert time.time() - t0 < 60
 
@@ -172,3 +172,44 @@ def test_preprocess_array_and_join_match_a_single_process(cluster, corpus_dir, t
     assert sorted(array) == sorted(single)
     for name in single:
         assert array[name] == single[name], name
+
+
+def _signal_when_training(cluster, tmp: Path, job: str, *scancel_args: str, steps: int = 2) -> dict:
+    deadline = time.time() + JOB_TIMEOUT
+    while len(train_rows(tmp)) < steps:
+        assert time.time() < deadline, f"no progress\n{job_log(tmp, job)[-3000:]}"
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), job_log(tmp, job)[-3000:]
+        time.sleep(0.2)
+    cluster.cmd("scancel", *scancel_args, job)
+    return cluster.wait(job, JOB_TIMEOUT)
+
+
+def test_requeue_cap_stops_the_loop(cluster, token_dir, tmp_path):
+    train_config(tmp_path, token_dir)
+    job = submit_train(cluster, tmp_path, env={"MAX_REQUEUES": "0"})
+    info = _signal_when_training(cluster, tmp_path, job, "--signal=USR1", "--batch")
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "85:0", "0"), log[-3000:]
+    assert log.rstrip().splitlines()[-1].startswith("error: stopped after 0 requeues (MAX_REQUEUES=0)")
+    assert (tmp_path / "ckpt" / "latest").exists()  # the state was saved: resubmitting continues from it
+
+
+def test_scancel_is_not_undone_by_requeue(cluster, token_dir, tmp_path):
+    train_config(tmp_path, token_dir)
+    job = submit_train(cluster, tmp_path)
+    info = _signal_when_training(cluster, tmp_path, job)  # plain scancel: TERM to every process
+    time.sleep(3)  # a requeue would show by now
+    info = cluster.job(job)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log[-3000:]
+    assert "requeueing (restart" not in log
+
+
+def test_pmi2_launch_through_mpi4py_discovery(cluster, token_dir, tmp_path):
+    train_config(tmp_path, token_dir, steps=3)
+    job = submit_train(cluster, tmp_path, env={"LAUNCH": "pmi2"})
+    info = cluster.wait(job, JOB_TIMEOUT)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "launch: node n1 rank 0/2" in log and "(pmi2)" in log and "world 2 (dp 2" in log
+    assert [r["step"] for r in train_rows(tmp_path)] == [1, 2, 3]
