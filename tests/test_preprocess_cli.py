@@ -95,3 +95,10 @@ def test_inspect_verify_catches_a_changed_shard(multi_reference, tmp_path):
     (out / "shard_00003.bin").write_bytes(bytes(data))
     bad = run_cli("-m", "preprocess", "inspect", str(out), "--verify", check=False)
     assert bad.returncode != 0 and "shard_00003.bin: sha256 differs" in bad.stdout
+
+
+def test_srun_without_mpi_is_refused(corpus_dir, tokenizer_model, tmp_path):
+    p = run_cli(*_tokenize_cmd(corpus_dir, tokenizer_model, tmp_path / "o")[1:], check=False,
+                env={"SLURM_STEP_NUM_TASKS": "2"})
+    _one_line_error(p, "srun --mpi=pmi2")
+    assert not (tmp_path / "o").exists()
