@@ -9,7 +9,7 @@ import random
 import shutil
 import tempfile
 
-from .readers import expand_inputs, iter_records
+from .readers import expand_inputs, iter_raw_lines, iter_records, parse_json_line
 
 log = logging.getLogger("preprocess")
 
@@ -17,23 +17,36 @@ log = logging.getLogger("preprocess")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
+_JSON_LINES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+
+
+def _candidates(path: str, text_key: str):
+    """The documents of one input; JSON lines stay raw bytes (parsed only if sampled: parsing is the slow part)."""
+    if path.endswith(_JSON_LINES):
+        return (raw for _, raw, _ in iter_raw_lines(path) if raw is not None)
+    return (rec.text for rec in iter_records(path, text_key) if rec.text is not None)
+
+
 def reservoir_sample(inputs: list[str], text_key: str, k: int, seed: int) -> tuple[list[str], int]:
-    """A uniform sample of k documents over every input (Algorithm R). Returns (sample, documents seen)."""
+    """A uniform sample of up to k documents over every input (Algorithm R). Returns (sample, candidates seen).
+
+    JSON lines are counted unparsed and parsed once sampled; a sampled record that turns out bad is dropped, so
+    the sample is uniform over the good documents and may be a little smaller than k.
+    """
     rng = random.Random(seed)
-    sample: list[str] = []
+    sample: list = []
     seen = 0
     for path in inputs:
-        for rec in iter_records(path, text_key):
-            if rec.text is None:
-                continue
+        for doc in _candidates(path, text_key):
             seen += 1
             if len(sample) < k:
-                sample.append(rec.text)
+                sample.append(doc)
             else:
                 j = rng.randrange(seen)
                 if j < k:
-                    sample[j] = rec.text
-    return sample, seen
+                    sample[j] = doc
+    texts = [d if isinstance(d, str) else parse_json_line(d, text_key, "", 0).text for d in sample]
+    return [t for t in texts if t is not None], seen
 
 
 def _sentences(docs: list[str], max_bytes: int):

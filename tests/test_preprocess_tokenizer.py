@@ -49,3 +49,10 @@ def test_tokenizer_learns_from_the_last_input_too(tmp_path, model_type):
     assert sp.decode(sp.encode(text)) == text  # byte fallback, identity normalisation
     info = json.loads((tmp_path / "tok" / "tokenizer_info.json").read_text())
     assert info["documents_seen"] == 600 and info["sample_docs"] == 60
+
+
+def test_reservoir_sample_drops_bad_records(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\nnot json\n{"text": 3}\n\n{"text": "two"}\n')
+    (tmp_path / "b.txt").write_text("three")
+    sample, seen = reservoir_sample([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], "text", 10, seed=0)
+    assert sorted(sample) == ["one", "three", "two"] and seen == 5
