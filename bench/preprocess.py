@@ -41,7 +41,7 @@ print(json.dumps({"tokens": n + len(texts), "seconds": time.perf_counter() - t})
 _MEGATRON = r"""
 import json, sys, time, warnings
 from multiprocessing import Pool
-import numpy as np, torch, sentencepiece as spm
+import numpy as np, sentencepiece as spm
 warnings.simplefilter("ignore")
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 model, out, workers, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
@@ -60,9 +60,8 @@ def lines():
 t = time.perf_counter(); n = 0
 builder = IndexedDatasetBuilder(out + ".bin", dtype=np.uint16)
 with Pool(workers, initializer=init) as pool:
-    for ids in pool.imap(encode, lines(), 32):
-        builder.add_item(torch.IntTensor(ids))
-        builder.end_document()
+    for ids in pool.imap(encode, lines(), 32):  # as Megatron-LM's tools/preprocess_data.py does
+        builder.add_document(ids, [len(ids)])
         n += len(ids)
 builder.finalize(out + ".idx")
 print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t}))
