@@ -31,6 +31,13 @@ def _which(tool: str) -> str:
     return shutil.which(tool) or f"/usr/sbin/{tool}"
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the daemon gets SIGTERM if the test process dies without running stop() (e.g. killed)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -135,7 +142,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
     def _spawn(self, argv: list[str], out: str) -> None:
         with open(self.root / out, "wb") as f:
             self.procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=self.env,
-                                               start_new_session=True))
+                                               start_new_session=True, preexec_fn=_die_with_parent))
 
     def stop(self) -> None:
         if self.conf.exists() and any(p.poll() is None for p in self.procs):
