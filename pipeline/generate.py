@@ -6,7 +6,6 @@ makes each new token cost one position. Stops at the end-of-document token or af
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,34 +18,36 @@ def load_for_inference(path: str, tag: str | None = None) -> tuple[Transformer, 
     """Our model (fp32, eval mode) and its SentencePiece tokenizer from a checkpoint or a to-hf folder."""
     import sentencepiece as spm
 
+    model = load_model(path, tag)
+    tok_path = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{tok_path}: no tokenizer beside the model")
+    return model, spm.SentencePieceProcessor(model_file=tok_path)
+
+
+def load_model(path: str, tag: str | None = None) -> Transformer:
+    """Our unsharded model (fp32, eval mode) from a checkpoint of any layout (or weights-only) or an HF folder."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        from safetensors.torch import load_file
-        import transformers
+        from .convert_hf import read_hf_config, read_hf_state_dict
+        from .hf import model_config_from_hf
 
-        from .hf import from_hf_state_dict, model_config_from_hf
-
-        hf_cfg = transformers.AutoConfig.from_pretrained(path)
-        mcfg = model_config_from_hf(hf_cfg)
-        index = os.path.join(path, "model.safetensors.index.json")
-        files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else ["model.safetensors"]
-        hf_sd = {}
-        for f in files:
-            hf_sd.update(load_file(os.path.join(path, f)))
-        sd = from_hf_state_dict(hf_sd, mcfg)
+        mcfg = model_config_from_hf(read_hf_config(path))
+        sd = read_hf_state_dict(path, mcfg)
     else:
         from .convert import read_checkpoint
 
         sd, cfg, _ = read_checkpoint(path, tag)
         mcfg = cfg.model
     model = Transformer(mcfg)
+    for name in ("embed_tokens.weight", "lm_head.weight"):  # the model may pad its vocabulary: zero rows
+        rows = model.state_dict()[name].shape[0]
+        if name in sd and sd[name].shape[0] < rows:
+            sd[name] = torch.cat([sd[name], sd[name].new_zeros(rows - sd[name].shape[0], sd[name].shape[1])])
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (mcfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tok_path = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise FileNotFoundError(f"{tok_path}: no tokenizer beside the model")
-    return model.eval(), spm.SentencePieceProcessor(model_file=tok_path)
+    return model.eval()
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> torch.Tensor:
