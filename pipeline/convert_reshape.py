@@ -1,0 +1,147 @@
+"""`convert reshape CKPT OUT --tp T --pp P`: a checkpoint's weights and optimizer state moved to another layout.
+
+Through DeepSpeed universal checkpoints (FACTS.md): every parameter and its Adam moments are written whole, one
+folder per parameter, and each rank of the new layout cuts its own piece when it loads, whatever its
+data-parallel size. What DeepSpeed cannot know is added here first:
+- the tensor-parallel rules of our layers (which parameters are row-parallel, replicated or vocab-padded), as
+  the `universal_checkpoint_info` that its converter reads to merge TP shards;
+- the names: pipeline checkpoints name parameters by pipeline layer (`3.attn.q_proj.weight`); they are renamed
+  to the model's own (`layers.2.attn.q_proj.weight`) with the pipeline module's table, so that a run with
+  another number of stages (or none) finds them.
+OUT is a checkpoint folder: `OUT/<tag>` with a `UNIVERSAL` marker and `OUT/ds_universal.json`. Resume with
+
+    pipeline.train --config X parallel.tp=T parallel.pp=P checkpoint.dir=OUT parallel.deepspeed_config=OUT/ds_universal.json
+
+Switching between ZeRO-3 and ZeRO-0/1/2 is not possible this way (FACTS.md), nor is it needed for tp changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from . import checkpoint
+from .config import validate
+from .convert_read import _LAYER, _MP_MODEL, _ZERO_MODEL, detect_layout, read_run_config
+
+UNIVERSAL = "UNIVERSAL"
+DS_JSON = "ds_universal.json"
+
+
+def universal_info(cfg) -> dict:
+    """Our tensor-parallel rules in the vocabulary of DeepSpeed's universal-checkpoint converter."""
+    from deepspeed.checkpoint import constants as c
+
+    m = cfg.model
+    row = [r".*\.o_proj\.weight$", r".*\.down_proj\.weight$"]
+    replicated = [r".*norm\.weight$"]
+    if m.arch == "gpt":
+        replicated += [r".*norm\.bias$", r".*embed_positions\.weight$", r".*\.o_proj\.bias$", r".*\.down_proj\.bias$"]
+    vocab = [r"(.*\.)?embed_tokens\.weight$"] + ([] if m.tie_embeddings else [r"(.*\.)?lm_head\.weight$"])
+    return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            c.TP_REPLICATED_PARAMETER_PATTERNS: replicated, c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row,
+            c.VOCABULARY_PARAMETER_PATTERNS: vocab, c.ORIGINAL_VOCAB_SIZE: m.vocab_size}
+
+
+def _pipe_renamer(cfg):
+    """Pipeline-module parameter name → the model's name (`{layer}.{key}`, `tied_modules.{tie}.{key}`)."""
+    from .parallel.pipe import pipe_layer_to_names
+
+    table = pipe_layer_to_names(cfg.model)
+
+    def rename(name: str) -> str:
+        m = re.match(r"^(\d+)\.(.+)$", name)
+        if m and m.group(2) in table.get(int(m.group(1)), {}):
+            return table[int(m.group(1))][m.group(2)]
+        m = re.match(r"^tied_modules\.[^.]+\.(.+)$", name)
+        if m:
+            return m.group(1)
+        raise ValueError(f"pipeline parameter '{name}' is not in the pipeline layer table")
+    return rename
+
+
+def _prepare_input(src: str, work: str, info: dict) -> None:
+    """Copy the DeepSpeed files of a tag, adding the universal info to every model-states file."""
+    os.makedirs(work)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if _ZERO_MODEL.match(name) or _MP_MODEL.match(name):
+            with contextlib.redirect_stdout(sys.stderr):
+                sd = torch.load(path, map_location="cpu", weights_only=False)
+            sd["universal_checkpoint_info"] = info
+            torch.save(sd, os.path.join(work, name))
+        elif name.endswith("_optim_states.pt") or _LAYER.match(name):
+            os.symlink(os.path.abspath(path), os.path.join(work, name))
+
+
+def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, overwrite: bool = False) -> str:
+    from .convert import staging_dir
+
+    if not os.path.isdir(ckpt_dir):
+        raise ValueError(f"{ckpt_dir}: no such checkpoint folder")
+    try:
+        tag = checkpoint.resolve_tag(ckpt_dir, tag)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if tag is None:
+        raise ValueError(f"{ckpt_dir}: no committed checkpoint found")
+    src = os.path.join(ckpt_dir, tag)
+    cfg = read_run_config(src)
+    layout = detect_layout(src)
+    if layout == "weights-only":
+        raise ValueError(f"{src} holds weights only: a run in any layout starts from it as it is")
+    new = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, pp=pp))
+    if pp > 1 and cfg.parallel.zero_stage >= 2:
+        raise ValueError(f"{src} was trained with ZeRO-{cfg.parallel.zero_stage}; pipeline stages need ZeRO-0/1, and "
+                         "universal checkpoints cannot switch between ZeRO-3 and ZeRO-1 (FACTS.md)")
+    validate(new)
+    with staging_dir(out, overwrite) as tmp:
+        work = os.path.join(tmp, ".input")
+        _prepare_input(src, work, universal_info(cfg))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", work,
+               "--output_folder", os.path.join(tmp, tag), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        if cfg.parallel.zero_stage < 3:
+            cmd.append("--inject_missing_state")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+            raise ValueError(f"DeepSpeed's universal-checkpoint converter failed on {src}: {last[0]}")
+        shutil.rmtree(work)
+        dst = os.path.join(tmp, tag)
+        if layout == "pipeline":
+            rename = _pipe_renamer(cfg)
+            zero = os.path.join(dst, "zero")
+            for name in os.listdir(zero):
+                if os.path.isdir(os.path.join(zero, name)):
+                    os.rename(os.path.join(zero, name), os.path.join(zero, f".{rename(name)}"))
+            for name in os.listdir(zero):
+                if name.startswith("."):
+                    os.rename(os.path.join(zero, name), os.path.join(zero, name[1:]))
+        for name in os.listdir(src):
+            if name.startswith("rng_rank"):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        with open(os.path.join(dst, "run_config.json"), "w") as f:
+            json.dump(new.to_dict(), f, indent=2)
+        with open(os.path.join(dst, UNIVERSAL), "w") as f:
+            json.dump({"source": os.path.abspath(src), "from": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
+                       "to": {"tp": tp, "pp": pp}}, f)
+        with open(os.path.join(tmp, DS_JSON), "w") as f:
+            json.dump({"checkpoint": {"load_universal": True}}, f, indent=2)
+        marker = checkpoint.marker(ckpt_dir, tag)
+        marker["files"] = {os.path.relpath(os.path.join(root, f), dst): os.path.getsize(os.path.join(root, f))
+                           for root, _, names in os.walk(dst) for f in names}
+        marker["reshaped_from"] = os.path.abspath(src)
+        with open(os.path.join(dst, checkpoint.COMMIT), "w") as f:
+            json.dump(marker, f, indent=1)
+        with open(os.path.join(tmp, "latest"), "w") as f:
+            f.write(tag)
+        if os.path.isfile(os.path.join(ckpt_dir, "tokenizer.model")):
+            shutil.copyfile(os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+    return out
