@@ -32,6 +32,10 @@ export MASTER_ADDR=${MASTER_ADDR:-$first_node}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
 export LAUNCH=${LAUNCH:-env}
 
+# Where this run starts in the job's log (one log across requeues): _fail looks for the reason after it.
+JOB_ERR_LOG=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdErr=[^ ]*' | cut -d= -f2)
+LOG_START=$(stat -c %s "$JOB_ERR_LOG" 2>/dev/null || echo 0)
+
 # The batch shell alone gets --signal=B:USR1 (time limit) and TERM (preemption); pass USR1 on to the step's
 # processes: the trainer checkpoints and exits 85, preprocessing just stops (a re-run resumes it).
 SIGNALLED=""
@@ -85,11 +89,11 @@ run_step() {
 # _fail RC: repeat the failure's reason as the log's last line (the last `error:` line, else the last exception
 # line of a traceback), then exit RC.
 _fail() {
-  local log reason=""
-  log=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdErr=[^ ]*' | cut -d= -f2)
-  if [ -n "$log" ] && [ -f "$log" ]; then
-    reason=$(grep -a '^error: ' "$log" | tail -n1)
-    [ -z "$reason" ] && reason=$(grep -aE '^[A-Za-z_.]*(Error|Exception|Interrupt)\b' "$log" | tail -n1)
+  local reason="" out
+  if [ -n "$JOB_ERR_LOG" ] && [ -f "$JOB_ERR_LOG" ]; then
+    out=$(tail -c +"$((LOG_START + 1))" "$JOB_ERR_LOG")
+    reason=$(grep -a '^error: ' <<< "$out" | tail -n1)
+    [ -z "$reason" ] && reason=$(grep -aE '^[A-Za-z_.]*(Error|Exception|Interrupt)\b' <<< "$out" | tail -n1)
   fi
   echo "${reason:-error: the step exited with code $1 (see above)}" >&2
   exit "$1"
