@@ -8,8 +8,9 @@ gets back the loss averaged over the whole global batch, on every rank. The layo
     pp > 1   the same model cut into a DeepSpeed PipelineModule (pipeline/parallel/pipe.py), TP inside each
              stage, ZeRO-0/1 across data-parallel replicas, 1F1B through `train_batch`
 
-Parallelism is applied in a fixed order: build the unsharded model (seeded: the same on every rank), load
-`init_state_dict`, tensor-parallel, freeze, activation checkpointing, pipeline cut, then DeepSpeed.
+Parallelism is applied in a fixed order: build the unsharded model on the meta device (each weight a function of
+the seed and its name), take `init_state_dict` as the source of values, tensor-parallel, freeze, activation
+checkpointing, pipeline cut (or allocate the whole shard), then DeepSpeed.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def build_optimizer(model, t):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(t))
 
 
-def load_init_state(model, sd: dict) -> None:
-    """Load a full unsharded state dict (our names; vocabulary padded or not) into the unsharded model."""
+def init_source(model, sd: dict) -> dict:
+    """Check a full unsharded state dict (our names; vocabulary padded or not) against the model config and
+    return it with the vocabulary padded as the model's: the values `materialize` takes instead of init."""
     from .parallel.tp import VOCAB, pad_vocab
 
     own = model.state_dict()
@@ -50,10 +52,9 @@ def load_init_state(model, sd: dict) -> None:
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"init_state_dict['{k}'] has shape {tuple(v.shape)}, the model config wants {tuple(own[k].shape)}")
-    model.load_state_dict(sd, strict=False)
-    if model.cfg.tie_embeddings and "lm_head.weight" in sd and "embed_tokens.weight" in sd and \
-            not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
+    if model.cfg.tie_embeddings and "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["embed_tokens.weight"]):
         raise ValueError("init_state_dict: lm_head.weight differs from embed_tokens.weight but model.tie_embeddings is set")
+    return {k: v.detach().float() for k, v in sd.items()}
 
 
 def freeze_layers(model, k: int) -> None:
@@ -70,7 +71,7 @@ class TrainEngine:
         import deepspeed
 
         from .parallel.groups import ParallelState
-        from .parallel.tp import apply_tp
+        from .parallel.tp import apply_tp, materialize
 
         self.cfg = cfg
         p = cfg.parallel
@@ -82,11 +83,12 @@ class TrainEngine:
         self.dp_size, self.dp_rank = self.state.dp, self.state.coord.dp
         self.dp_group = self.state.dp_group
         self.micro = cfg.train.micro_batch_size
-        model = build_model(cfg.model, seed=cfg.train.seed, tp=p.tp)
+        # On the meta device: each rank allocates only its own shard of its own stage (parallel/tp.materialize).
+        model = build_model(cfg.model, seed=cfg.train.seed, tp=p.tp, device="meta")
         self.num_params = num_params(model) - (model.padded_vocab_size - model.vocab_size) * cfg.model.hidden_size * \
             (1 if cfg.model.tie_embeddings else 2)
         if init_state_dict is not None:
-            load_init_state(model, init_state_dict)
+            model.init_source = init_source(model, init_state_dict)
         apply_tp(model, self.state)
         if cfg.train.freeze_layers:  # after TP, which makes fresh parameters
             freeze_layers(model, cfg.train.freeze_layers)
@@ -98,11 +100,14 @@ class TrainEngine:
             from .parallel.pipe import build_pipeline_module
 
             module = build_pipeline_module(model, self.state, self.loss)
-            del model  # every stage keeps only its own layers
+            model.init_source = None  # the layer specs keep the (meta) model alive, not the source values
+            del model  # every stage keeps only its own layers, allocated as DeepSpeed built them
             optimizer, self.scheduler = build_optimizer(module, cfg.train)
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                         lr_scheduler=self.scheduler, config=ds_config)
         else:
+            materialize(model)
+            model.init_source = None
             optimizer, self.scheduler = build_optimizer(model, cfg.train)
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
                                                         config=ds_config, mpu=self.state if p.tp > 1 else None)

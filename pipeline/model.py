@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -84,16 +85,15 @@ class Attention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each kv head across its query group
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # Grouped-query attention: SDPA shares each kv head across its query group without copying it.
+        gqa = k.shape[1] != q.shape[1]
         if past == 0:
             with self.dropout_rng():
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
                                                      dropout_p=self.dropout if self.training else 0.0)
         else:
             mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -130,12 +130,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: int = 1):
-        """`tp` only sets the vocabulary padding (a multiple of make_vocab_size_divisible_by x tp)."""
+    def __init__(self, cfg: ModelConfig, tp: int = 1, init_seed: int | None = None):
+        """`tp` only sets the vocabulary padding (a multiple of make_vocab_size_divisible_by x tp).
+
+        Each parameter's initial value is a function of (init_seed, its name) alone (`init_value`): built on the
+        meta device, any rank can materialise just its own layers and shards, and get the same numbers as here.
+        `init_seed` None draws one from torch's generator."""
         super().__init__()
-        # reset_parameters draws from the generator state at construction start, so the submodules' own
-        # default initialisation (whose draws depend on the padded sizes) cannot shift the weights.
-        rng = torch.get_rng_state()
         resolve_model_defaults(cfg)
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is unset (it is normally taken from the data manifest)")
@@ -159,27 +160,33 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_activations = False
-        torch.set_rng_state(rng)
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item()) if init_seed is None else init_seed
         self.reset_parameters()
+
+    def init_value(self, name: str, shape) -> torch.Tensor:
+        """The initial fp32 value (on CPU) of parameter `name` at its full unsharded `shape`.
+
+        Normal(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2·layers);
+        norms one, biases zero. Vocabulary rows past vocab_size are zero, and the real rows do not depend on the
+        padding, so the weights are the same for every tp."""
+        std = self.cfg.init_std
+        if len(shape) == 1:
+            return torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
+        g = torch.Generator().manual_seed((self.init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            std = std / math.sqrt(2 * self.cfg.num_layers)
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            out = torch.zeros(shape)
+            out[:self.vocab_size] = torch.empty((self.vocab_size,) + tuple(shape[1:])).normal_(0.0, std, generator=g)
+            return out
+        return torch.empty(shape).normal_(0.0, std, generator=g)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; output projections of each residual branch scaled by 1/sqrt(2·layers).
-
-        Vocabulary rows past vocab_size are zero, and the real rows draw exactly the random numbers an unpadded
-        model would, so the weights do not depend on the padding (nor, hence, on tp)."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        """Every parameter (not on the meta device) to its `init_value`."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, out_std)
-            elif name in ("embed_tokens.weight", "lm_head.weight"):
-                p.zero_()
-                nn.init.normal_(p[:self.vocab_size], 0.0, std)
-            else:
-                nn.init.normal_(p, 0.0, std)
+            if p.device.type != "meta":
+                p.copy_(self.init_value(name, p.shape))
 
     def _rope(self, start: int, length: int):
         if self.cfg.arch != "llama":
@@ -219,15 +226,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def build_model(cfg: ModelConfig, seed: int | None = None, tp: int = 1) -> Transformer:
+def build_model(cfg: ModelConfig, seed: int | None = None, tp: int = 1, device: str | None = None) -> Transformer:
     """Build the unsharded model; with `seed` the initial weights are the same in every process.
 
-    `tp` pads the vocabulary for that tensor-parallel size; the real weights are the same for any `tp`."""
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return Transformer(cfg, tp)
-    return Transformer(cfg, tp)
+    `tp` pads the vocabulary for that tensor-parallel size; the real weights are the same for any `tp`.
+    `device="meta"` allocates nothing: pipeline/parallel materialises each rank's part (Transformer.init_value)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):  # submodules' own init draws
+        return Transformer(cfg, tp, init_seed=seed)
 
 
 def num_params(model: nn.Module) -> int:

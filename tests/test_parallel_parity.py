@@ -19,6 +19,7 @@ LAYOUTS = {
     "dp2_zero3": (2, 1, 1, 3),
     "tp2_zero3": (2, 2, 1, 3),
     "pp2_zero1": (2, 1, 2, 1),
+    "tp2_zero1_checkpointing": (2, 2, 1, 1),  # with parallel.activation_checkpointing
     "tp2_dp2_zero3": (4, 2, 1, 3),
     "pp2_tp2_zero1": (4, 2, 2, 1),
     "pp2_dp2_zero1": (4, 1, 2, 1),
@@ -26,7 +27,7 @@ LAYOUTS = {
 ARCHS = ("gpt", "llama")
 
 
-def run_config(arch: str, tp: int = 1, pp: int = 1, zero: int = 3):
+def run_config(arch: str, tp: int = 1, pp: int = 1, zero: int = 3, checkpointing: bool = False):
     from pipeline.config import from_dict
 
     model = {"arch": arch, "num_layers": 4, "hidden_size": 32, "num_heads": 4, "seq_len": 16, "vocab_size": VOCAB,
@@ -35,7 +36,7 @@ def run_config(arch: str, tp: int = 1, pp: int = 1, zero: int = 3):
         model["kv_heads"] = 2
     return from_dict({
         "model": model,
-        "parallel": {"tp": tp, "pp": pp, "zero_stage": zero},
+        "parallel": {"tp": tp, "pp": pp, "zero_stage": zero, "activation_checkpointing": checkpointing},
         "data": {"datasets": [{"path": "unused", "weight": 1.0}]},
         "train": {"steps": 10, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "min_lr": 1e-4,
                   "warmup_steps": 2, "grad_clip": 0.5, "weight_decay": 0.1, "seed": 7},
@@ -48,7 +49,7 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def oracle(arch: str):
-    """The unsharded model under torch's AdamW: first loss, per-step losses and grad norms, final params."""
+    """The unsharded model under torch's AdamW: per-step losses and grad norms, final params, then an eval loss."""
     from pipeline.engine import build_optimizer
     from pipeline.model import build_model, lm_loss
 
@@ -64,7 +65,11 @@ def oracle(arch: str):
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
+    with torch.no_grad():
+        model.eval()
+        held_out = global_batch(99)
+        losses.append(float(lm_loss(model(held_out[:, :-1]), held_out[:, 1:])))
     params = {k: v.detach()[:VOCAB] if k == "embed_tokens.weight" or k == "lm_head.weight" else v.detach()
               for k, v in model.named_parameters()}
     return losses, norms, params
@@ -92,7 +97,7 @@ def test_layout_matches_single_process_model(results, oracles, arch, layout):
     assert max(want_norms) > 0.5  # gradient clipping is active, so the sharded norm computation is tested too
     got = torch.load(results / f"{arch}_{layout}.pt")
     assert got["losses"][0] == pytest.approx(want_losses[0], rel=1e-5)
-    assert got["losses"] == pytest.approx(want_losses, rel=1e-5)
+    assert got["losses"] == pytest.approx(want_losses, rel=1e-5)  # 3 train steps, then eval_loss afterwards
     assert got["grad_norm"] == pytest.approx(want_norms[-1], rel=1e-5)
     assert set(want_params) <= set(got["params"])
     # atol = 5e-3 x lr: Adam turns fp32 summation noise in gradients that are zero in exact arithmetic (GPT's key
@@ -202,11 +207,12 @@ def _worker(out: str) -> None:
         if w != world:
             continue
         for arch in ARCHS:
-            cfg = run_config(arch, tp, pp, zero)
+            cfg = run_config(arch, tp, pp, zero, checkpointing=layout.endswith("checkpointing"))
             engine = build_engine(cfg)
             per = 8 // engine.dp_size
-            losses = [engine.train_step(global_batch(s)[engine.dp_rank * per:(engine.dp_rank + 1) * per])
-                      for s in range(STEPS)]
+            mine = slice(engine.dp_rank * per, (engine.dp_rank + 1) * per)
+            losses = [engine.train_step(global_batch(s)[mine]) for s in range(STEPS)]
+            losses.append(engine.eval_loss(global_batch(99)[mine]))
             norm = engine.grad_norm()
             params = engine.full_state_dict()
             if rank == 0:

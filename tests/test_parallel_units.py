@@ -78,3 +78,24 @@ def test_zero3_with_pipeline_is_refused_before_start(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "parallel.zero_stage 3 with parallel.pp 2" in lines[0], proc.stderr
     assert "zero_stage=1" in lines[0]
+
+
+@pytest.mark.parametrize("arch,kv,tp", CASES + [("gpt", None, 1)])
+def test_meta_model_materialises_exactly_this_ranks_shard(arch, kv, tp):
+    from types import SimpleNamespace
+
+    from pipeline.parallel.tp import apply_tp, materialize
+
+    cfg = cfg_for(arch, kv)
+    eager = build_model(cfg, seed=3, tp=tp).state_dict()
+    for rank in range(tp):
+        meta = build_model(cfg, seed=3, tp=tp, device="meta")
+        apply_tp(meta, SimpleNamespace(tp=tp, coord=SimpleNamespace(tp=rank), tp_group=None))
+        materialize(meta)
+        got = meta.state_dict()
+        want = shard_for_tp(eager, cfg, rank, tp)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        if cfg.tie_embeddings:
+            assert meta.lm_head.weight is meta.embed_tokens.weight

@@ -11,7 +11,8 @@ checkpoint (XX the layer index below, YY the TP rank when tp > 1), holding that 
 
 `pipe_layer_to_names(cfg)` gives this mapping as data; `pipe_state_to_model` renames one layer's state dict.
 Stages are balanced by transformer blocks (partition_method "type:BlockPipe"); the embedding sits on the first
-stage and the norm and head on the last.
+stage and the norm and head on the last. DeepSpeed builds only the local stage's layers; each layer allocates
+its parameters then (`materialize`), so a rank never holds another stage's weights.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..model import Block, Transformer
+from .tp import materialize
 
 
 def pipe_layer_to_names(cfg) -> dict[int, dict[str, str]]:
@@ -60,8 +62,10 @@ class EmbedPipe(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
         self.gpt = model.cfg.arch == "gpt"
+        materialize(model, model.embed_tokens, "embed_tokens")
         self.embed_tokens = model.embed_tokens
         if self.gpt:
+            materialize(model, model.embed_positions, "embed_positions")
             self.embed_positions = model.embed_positions
         self.drop = model.drop
 
@@ -77,6 +81,7 @@ class BlockPipe(Block):
 
     def __init__(self, block: Block, model: Transformer):
         nn.Module.__init__(self)
+        materialize(model, block, f"layers.{list(model.layers).index(block)}")
         for name, child in block.named_children():
             self.add_module(name, child)
         self.checkpoint_activations = model.checkpoint_activations
@@ -95,6 +100,7 @@ class BlockPipe(Block):
 class NormPipe(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
+        materialize(model, model.norm, "norm")
         self.norm = model.norm
 
     def forward(self, h):
@@ -107,8 +113,10 @@ class HeadPipe(nn.Module):
     def __init__(self, model: Transformer, tied: bool = False):
         super().__init__()
         if tied:  # the parameter lives in embed_tokens; the head module only applies it
+            materialize(model, model.embed_tokens, "embed_tokens")
             self.embed_tokens = model.embed_tokens
-        else:
+        materialize(model, model.lm_head, "lm_head")  # tied: the embedding's parameter, allocated above
+        if not tied:
             self.lm_head = model.lm_head
         self._head = [model.lm_head]  # a list, so that it is not registered twice
         self.vocab = None if model.vocab_parallel else model.vocab_size

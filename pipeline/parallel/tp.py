@@ -14,6 +14,9 @@ Vocabulary rows are padded to `padded_vocab(cfg, tp)` = a multiple of make_vocab
 rows are zero at initialisation and never reach the loss. `shard_for_tp` takes a full state dict with the vocab
 unpadded or padded for any tp; `merge_tp_shards` returns it padded for the tp it merged (`strip_vocab_padding`
 cuts it back to vocab_size). Both are pure tensor functions: no process group, no GPU.
+
+`materialize` allocates a meta-device model's parameters, each one's full initial value (or the value from an
+initial state dict) cut to this rank's shard: a rank never holds more than its own part plus one full tensor.
 """
 from __future__ import annotations
 
@@ -90,6 +93,48 @@ def merge_tp_shards(shards: list[dict], cfg: ModelConfig) -> dict:
     return out
 
 
+def materialize(model, module=None, prefix: str = "") -> None:
+    """Allocate the meta parameters of `module` (named `prefix` in `model`; default the whole model).
+
+    Values: `model.init_source[name]` when the model carries a full initial state dict (see the engine's
+    init_state_dict), else `model.init_value(name, full shape)`; sliced for TP rank `model.tp_rank` of
+    `model.tp_size` (set by apply_tp). Tied parameters stay tied; requires_grad and TP markers are kept."""
+    from torch import nn
+
+    from ..model import rope_tables
+
+    module = model if module is None else module
+    tp, rank = getattr(model, "tp_size", 1), getattr(model, "tp_rank", 0)
+    source = getattr(model, "init_source", None)
+    cfg = model.cfg
+    if cfg.arch == "llama" and model.rope_cos.device.type == "meta":
+        cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta)
+        model._buffers["rope_cos"], model._buffers["rope_sin"] = cos, sin
+    done = getattr(model, "_materialized", {})
+    model._materialized = done
+    for mod_name, mod in module.named_modules(prefix=prefix):
+        for pname, p in list(mod._parameters.items()):
+            if p is None or p.device.type != "meta":
+                continue
+            if id(p) in done:  # a tied parameter, already allocated under its first name
+                mod._parameters[pname] = done[id(p)]
+                continue
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            dim = split_dim(name)
+            shape = list(p.shape)
+            if dim is not None and tp > 1:
+                shape[dim] *= tp
+            if source is not None:
+                full = source[name] if name in source else source["embed_tokens.weight"]  # tied head
+            else:
+                full = model.init_value(name, shape)
+            value = full.chunk(tp, dim=dim)[rank] if dim is not None and tp > 1 else full
+            new = nn.Parameter(value.to(p.dtype).contiguous().clone(), requires_grad=p.requires_grad)
+            new.__dict__.update(p.__dict__)  # tensor_model_parallel, partition_dim
+            mod._parameters[pname] = new
+            done[id(p)] = new
+
+
 def apply_tp(model, state) -> None:
     """Shard an unsharded model (built with build_model(cfg, seed, tp)) in place for this rank's TP slice.
 
@@ -100,6 +145,7 @@ def apply_tp(model, state) -> None:
     from .random import tp_rng_context
 
     tp, rank, group = state.tp, state.coord.tp, state.tp_group
+    model.tp_size, model.tp_rank = tp, rank
     if tp == 1:
         return
     cfg = model.cfg
