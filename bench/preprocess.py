@@ -32,10 +32,10 @@ _BARE = r"""
 import json, sys, time, sentencepiece as spm
 sp = spm.SentencePieceProcessor(model_file=sys.argv[1])
 texts = [json.loads(l)["text"] for f in sys.argv[2:] for l in open(f, "rb")]
-t = time.perf_counter(); n = 0
+t = time.perf_counter(); c = time.process_time(); n = 0
 for i in range(0, len(texts), 256):
     n += sum(map(len, sp.encode(texts[i:i + 256], num_threads=1)))
-print(json.dumps({"tokens": n + len(texts), "seconds": time.perf_counter() - t}))
+print(json.dumps({"tokens": n + len(texts), "seconds": time.perf_counter() - t, "cpu_own": time.process_time() - c}))
 """
 
 _MEGATRON = r"""
@@ -57,14 +57,15 @@ def lines():
     for f in files:
         with open(f, "rb") as fh:
             yield from fh
-t = time.perf_counter(); n = 0
+t = time.perf_counter(); c = time.process_time(); setup = c; n = 0
 builder = IndexedDatasetBuilder(out + ".bin", dtype=np.uint16)
 with Pool(workers, initializer=init) as pool:
     for ids in pool.imap(encode, lines(), 32):  # as Megatron-LM's tools/preprocess_data.py does
         builder.add_document(ids, [len(ids)])
         n += len(ids)
 builder.finalize(out + ".idx")
-print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t}))
+print(json.dumps({"tokens": n, "seconds": time.perf_counter() - t, "cpu_own": time.process_time() - c,
+                  "cpu_setup": setup}))
 """
 
 
@@ -135,10 +136,13 @@ def run(cmd: list[str]) -> tuple[float, int, str, float]:
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
         ps, peak = psutil.Process(proc.pid), 0
+        top_cpu = 0.0
         while proc.poll() is None:
             try:
                 procs = [ps, *ps.children(recursive=True)]
                 peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                times = ps.cpu_times()
+                top_cpu = times.user + times.system
             except psutil.Error:
                 pass
             time.sleep(0.05)
@@ -148,6 +152,7 @@ def run(cmd: list[str]) -> tuple[float, int, str, float]:
         text = out.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-2000:]}")
+    run.top_cpu = top_cpu  # CPU of the top process alone (the parent), as last seen
     return wall, peak, text, cpu
 
 
@@ -158,7 +163,7 @@ def tokenize(files, model, workers, tag) -> dict:
                              "--output", out, "--workers", str(workers)])
     with open(os.path.join(out, "manifest.json")) as f:
         tokens = sum(s["tokens"] for s in json.load(f)["shards"])
-    return {"tokens": tokens, "seconds": wall, "rss": rss, "cpu": cpu}
+    return {"tokens": tokens, "seconds": wall, "rss": rss, "cpu": cpu, "cpu_parent": run.top_cpu}
 
 
 def script(code, *args) -> dict:
@@ -208,7 +213,16 @@ def main() -> None:
     print(f"tokenize 2 workers / 1 worker:        {rate['tok2'] / rate['tok1']:.3f}   (goal >= 1.7)")
     print(f"peak RSS, 2 workers: {r['small2']['rss'] / 2**20:.0f} MiB on {args.small_mb} MB, "
           f"{r['tok2']['rss'] / 2**20:.0f} MiB on {args.size_mb} MB   (goal < 1024 MiB, flat)")
-    print(f"load average after: {os.getloadavg()[0]:.1f} (ratios are trustworthy only on an otherwise idle machine)")
+    print(f"load average after: {os.getloadavg()[0]:.1f} (wall-time ratios hold only on an otherwise idle machine)")
+    # The same ratios from CPU seconds, which other load disturbs far less: the time each run would take on an
+    # idle 2-core machine is at least its CPU over 2 cores and at least its parent's (serial) CPU.
+    idle = {"bare": r["bare"]["cpu_own"], "tok1": r["tok1"]["cpu"],
+            "tok2": max(r["tok2"]["cpu"] / 2, r["tok2"]["cpu_parent"]),
+            "meg2": max((r["meg2"]["cpu"] - r["meg2"]["cpu_setup"]) / 2, r["meg2"]["cpu_own"])}
+    print(f"CPU-time estimate for an idle machine: per worker / bare: 1 worker {idle['bare'] / idle['tok1']:.3f}, "
+          f"2 workers {idle['bare'] / idle['tok2'] / 2:.3f}; vs megatron-style {idle['meg2'] / idle['tok2']:.3f}; "
+          f"2 / 1 workers {idle['tok1'] / idle['tok2']:.3f}  (parent CPU: tokenize {r['tok2']['cpu_parent']:.1f} s, "
+          f"megatron-style {r['meg2']['cpu_own']:.1f} s)")
     assert r["tok1"]["tokens"] == r["tok2"]["tokens"] == r["meg2"]["tokens"] == r["bare"]["tokens"], \
         "token counts differ between the runs"
 

@@ -215,7 +215,7 @@ def run_units(units, paths, parts, tok, text_key, dtype, shard_tokens, strict, w
 
     try:
         tasks = _tasks(todo, states, paths, text_key)
-        results = _ordered(pool, tasks, 2 * workers + 2) if pool else map(run_task, tasks)
+        results = _ordered(pool, tasks, 8 * workers) if pool else map(run_task, tasks)
         for (u, pi, nbytes), tokens, lengths, ends, bad in results:
             advance(u)
             cur.add(pi, tokens, lengths, ends, bad)
