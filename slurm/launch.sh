@@ -55,13 +55,17 @@ run_step() {
   local args=(--kill-on-bad-exit=1) pid rc state
   [ "$LAUNCH" = pmi2 ] && args+=(--mpi=pmi2)
   [ -n "${SLURM_CPUS_PER_TASK:-}" ] && args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-  srun "${args[@]}" bash slurm/task.sh "$@" &
-  pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    wait "$pid"  # returns early when a trapped signal arrives
-  done
-  wait "$pid"
-  rc=$?
+  if [ -n "$SIGNALLED" ]; then
+    rc=$EXIT_REQUEUE  # signalled before the step started: nothing to stop
+  else
+    srun "${args[@]}" bash slurm/task.sh "$@" &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+      wait "$pid"  # returns early when a trapped signal arrives
+    done
+    wait "$pid"
+    rc=$?
+  fi
   if [ "$rc" -eq 0 ]; then
     echo "$SCRIPT: done"
     exit 0

@@ -11,6 +11,8 @@ if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
   IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
   gpu=${visible[$SLURM_LOCALID]:-?}   # pipeline/dist.py selects cuda:LOCAL_RANK among the visible devices
 fi
+master="${MASTER_ADDR}:${MASTER_PORT}"
+[ "${LAUNCH:-env}" = env ] || master="from mpi4py"
 echo "launch: node ${SLURMD_NODENAME:-$(hostname)} rank ${SLURM_PROCID}/${SLURM_NTASKS}" \
-     "local_rank ${SLURM_LOCALID} gpu ${gpu} master ${MASTER_ADDR}:${MASTER_PORT} (${LAUNCH:-env})"
+     "local_rank ${SLURM_LOCALID} gpu ${gpu} master ${master} (${LAUNCH:-env})"
 exec "$@"
