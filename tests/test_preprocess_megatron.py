@@ -48,3 +48,16 @@ def test_we_read_megatron_written_files(megatron_indexed, tmp_path, vocab_size):
     assert ours.document_indices.tolist() == list(range(41)) + [50]
     assert all(np.array_equal(ours[i], d) for i, d in enumerate(docs))
     assert ours.num_tokens == sum(len(d) for d in docs)
+
+
+def test_megatron_reads_our_int32_shards(megatron_indexed, tmp_path):
+    from preprocess.indexed import IndexedWriter
+
+    dtype = dtype_for_vocab(100_000)
+    docs = [np.arange(i, i + 7 * i + 1, dtype=np.int64) * 997 % 100_000 for i in range(20)]
+    w = IndexedWriter(tmp_path / "big", dtype)
+    w.add_documents(np.concatenate(docs), [len(d) for d in docs])
+    w.finalize()
+    theirs = megatron_indexed.IndexedDataset(str(tmp_path / "big"))
+    assert theirs.index.dtype == np.int32 and len(theirs) == 20
+    assert all(np.array_equal(theirs[i], d) for i, d in enumerate(docs))
