@@ -130,3 +130,20 @@ def test_inspect_prints_splits_shares_and_the_sample(tmp_path):
     assert f"{train.datasets[0].num_epochs} epoch(s)" in out
     assert "ids: " + " ".join(map(str, train[i][:40].tolist())) in out
     assert "test: none" in out
+
+
+def test_inspect_decodes_real_tokens(tmp_path, token_dir, tokenizer_model):
+    import sentencepiece as spm
+
+    cfg = {"model": {"seq_len": 64}, "data": {"datasets": [{"path": str(token_dir), "weight": 1}],
+                                               "cache_dir": str(tmp_path / "cache")},
+           "train": {"steps": 5, "global_batch_size": 4, "micro_batch_size": 1}}
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = run_cli("-m", "pipeline.data", "inspect", "--config", str(cfg_path), "--step", "2", "--sample", "1").stdout
+    docs = TokenDocuments(str(token_dir))
+    sample = GPTDataset(docs, 64, 20, 1234, "98,1,1", cache_dir=str(tmp_path / "cache"))[2 * 4 + 1]
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    eod = docs.tokenizer["eod_id"]
+    first_doc = sample[:np.flatnonzero(sample == eod)[0]] if (sample == eod).any() else sample
+    assert sp.decode(first_doc.tolist()) in out

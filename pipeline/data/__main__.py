@@ -59,10 +59,12 @@ def inspect(cfg, step: int, sample: int, show_tokens: int) -> str:
                    f"{len(d.shards)} shard(s), dtype {d.dtype}, vocab {tok.get('vocab_size', '?')}, "
                    f"eod {tok.get('eod_id', '?')}")
     train = build_split(cfg, docs, "train", t.steps * t.global_batch_size)
-    valid = build_split(cfg, docs, "valid", max(1, t.eval_iters) * t.global_batch_size)
-    test = build_split(cfg, docs, "test", t.global_batch_size)
-    for name, ds in (("train", train), ("valid", valid), ("test", test)):
-        out += _describe_split(name, ds, t.global_batch_size)
+    out += _describe_split("train", train, t.global_batch_size)
+    for name, n in (("valid", max(1, t.eval_iters) * t.global_batch_size), ("test", t.global_batch_size)):
+        try:
+            out += _describe_split(name, build_split(cfg, docs, name, n), t.global_batch_size)
+        except ValueError as e:  # a split too small to use is worth showing, not fatal here
+            out.append(f"{name}: unusable: {e}")
     i = step * t.global_batch_size + sample
     if not 0 <= sample < t.global_batch_size or train is None or i >= len(train):
         raise ValueError(f"--step {step} --sample {sample}: outside the {t.steps} steps x {t.global_batch_size} "

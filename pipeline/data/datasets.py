@@ -42,9 +42,15 @@ class GPTDataset:
         else:
             self.index = load_or_build(cache_dir, f"gpt-{which}", description, build)
         self.description = description
-        # Cached locals for the hot path.
-        self._doc, self._sample_doc = self.index["doc"], self.index["sample_doc"]
-        self._sample_offset, self._shuffle = self.index["sample_offset"], self.index["shuffle"]
+        # Where each document's tokens are: memory-mapped from the cache too, so that ranks share one copy.
+        table_key = {"kind": "docs", "format": ix.FORMAT_VERSION, "path": description["path"],
+                     "fingerprint": description["fingerprint"]}
+        table = lambda: {"table": docs.doc_table()}
+        self._table = (table() if cache_dir is None else load_or_build(cache_dir, "docs", table_key, table))["table"]
+        self._table = self._table.view(np.ndarray)
+        # Plain ndarray views of the maps for the hot path: np.memmap's slicing runs Python code on every call.
+        self._doc, self._sample_doc, self._sample_offset, self._shuffle = (
+            self.index[k].view(np.ndarray) for k in ("doc", "sample_doc", "sample_offset", "shuffle"))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -61,18 +67,15 @@ class GPTDataset:
         row = e * self.samples_per_epoch + j
         pos = e * self.num_docs + int(self._sample_doc[row])
         offset = int(self._sample_offset[row])
-        docs, need = self.docs, self.seq_len + 1
+        need, tokens, table = self.seq_len + 1, self.docs.tokens, self._table
         out = np.empty(need, dtype=np.int64)
         filled, look = 0, 4
         while filled < need:
             ids = self._doc[pos:pos + look]
-            lengths = docs.doc_lengths[ids].tolist()
-            starts = docs.doc_starts[ids].tolist()
-            shards = [0] * len(ids) if docs.doc_shards is None else docs.doc_shards[ids].tolist()
-            for length, start, shard in zip(lengths, starts, shards):
+            for start, length, shard in table[ids].tolist():
                 take = min(length - offset, need - filled)
                 if take > 0:
-                    out[filled:filled + take] = docs.tokens[shard][start + offset:start + offset + take]
+                    out[filled:filled + take] = tokens[shard][start + offset:start + offset + take]
                     filled += take
                     if filled == need:
                         break
@@ -88,11 +91,10 @@ class GPTDataset:
         pos = e * self.num_docs + int(self._sample_doc[row])
         offset, need, pieces = int(self._sample_offset[row]), self.seq_len + 1, []
         while need > 0:
-            d = int(self._doc[pos])
-            take = min(int(self.docs.doc_lengths[d]) - offset, need)
+            start, length, shard = self._table[int(self._doc[pos])].tolist()
+            take = min(length - offset, need)
             if take > 0:
-                shard = 0 if self.docs.doc_shards is None else int(self.docs.doc_shards[d])
-                pieces.append((shard, int(self.docs.doc_starts[d]) + offset, take))
+                pieces.append((shard, start + offset, take))
                 need -= take
             pos, offset = pos + 1, 0
         return pieces

@@ -1,7 +1,7 @@
 """The documents of one dataset: a `preprocess tokenize` output folder (manifest + shards) or a Megatron prefix.
 
-Everything stays memory-mapped through `preprocess.indexed.IndexedDataset`; per-document lengths and token
-offsets are the only arrays held in memory (12 bytes a document).
+Everything stays memory-mapped through `preprocess.indexed.IndexedDataset`; only a dataset of several shards
+holds one array in memory (its document lengths, 4 bytes a document).
 """
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
 class TokenDocuments:
     """All documents of one dataset (every shard of a folder, or one Megatron prefix), in order.
 
-    `doc_lengths[d]` is document d's token count, `doc_starts[d]` its first token within its shard's token
-    array, `doc_shards[d]` that shard's position in `self.shards` (None when there is a single shard).
+    `doc_lengths[d]` is document d's token count; `tokens[k]` shard k's tokens (a plain ndarray over the map).
     """
 
     def __init__(self, path: str):
@@ -65,20 +64,28 @@ class TokenDocuments:
         self.tokens = [np.asarray(s.tokens).view(np.ndarray) for s in self.shards]
         counts = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
-        self.doc_lengths = np.concatenate([s.sizes for s in self.shards]).astype(np.int32, copy=False)
-        self.doc_starts = np.concatenate([s.pointers // s.dtype.itemsize for s in self.shards]).astype(np.int64)
-        self.doc_shards = None
-        if len(self.shards) > 1:
-            self.doc_shards = np.repeat(np.arange(len(self.shards), dtype=np.int32), counts)
+        # One shard: the index's own memory-mapped lengths; several: one int32 copy (4 bytes a document).
+        self.doc_lengths = self.shards[0].sizes if len(self.shards) == 1 else \
+            np.concatenate([s.sizes for s in self.shards]).astype(np.int32, copy=False)
         self.num_tokens = int(sum(s.num_tokens for s in self.shards))
+        self._fingerprint = None
+
+    def doc_table(self) -> np.ndarray:
+        """int64 [documents, 3]: (first token within its shard, length, shard) of every document."""
+        table = np.empty((len(self), 3), dtype=np.int64)
+        for k, s in enumerate(self.shards):
+            rows = table[self.shard_starts[k]:self.shard_starts[k + 1]]
+            np.floor_divide(s.pointers, s.dtype.itemsize, out=rows[:, 0])
+            rows[:, 1] = s.sizes
+            rows[:, 2] = k
+        return table
 
     def __len__(self) -> int:
         return len(self.doc_lengths)
 
     def document(self, i: int) -> np.ndarray:
-        s = 0 if self.doc_shards is None else int(self.doc_shards[i])
-        start = int(self.doc_starts[i])
-        return self.tokens[s][start:start + int(self.doc_lengths[i])]
+        s = int(np.searchsorted(self.shard_starts, i, side="right") - 1)
+        return self.shards[s][i - int(self.shard_starts[s])]
 
     @property
     def tokenizer(self) -> dict | None:
@@ -89,13 +96,16 @@ class TokenDocuments:
 
         Any re-tokenization that changes what the indices are built from changes this value.
         """
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         if self.manifest:
             h.update(json.dumps([s.get("sha256") for s in self.manifest["shards"]]).encode())
         for s in self.shards:
             h.update(np.ascontiguousarray(s.sizes).tobytes())
             h.update(str(s.num_tokens).encode())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def verify(self) -> None:
         """Check every shard's `.bin` against the manifest's sha256 (reads all the data; on request only)."""

@@ -70,15 +70,20 @@ def build_gpt_indices(doc_lengths: np.ndarray, lo: int, hi: int, seq_len: int, s
     sample_offset = np.empty(num_epochs * n, off_dt)
     shuffle = np.empty(num_epochs * n, smp_dt)
     starts = np.arange(n, dtype=np.int64) * seq_len  # token position of each sample in the epoch's stream
-    ends = np.empty(num_docs, np.int64)
+    positions = np.arange(num_docs, dtype=pos_dt)
     for e in range(num_epochs):
         rng = _epoch_rng(seed, split_id, e)
         perm = rng.permutation(num_docs)
-        np.cumsum(lengths[perm], out=ends)
-        pos = np.searchsorted(ends, starts, side="right")
-        doc[e * num_docs:(e + 1) * num_docs] = perm + lo
+        plen = lengths[perm]
+        ends = np.cumsum(plen)
+        # Samples starting inside document position p: ceil(end_p / L) - ceil(end_{p-1} / L), up to n in all;
+        # repeating each position that many times gives every sample's document without a search.
+        first_after = np.minimum(-(-ends // seq_len), n)
+        pos = np.repeat(positions, np.diff(first_after, prepend=0))
+        np.add(perm, lo, out=doc[e * num_docs:(e + 1) * num_docs], casting="unsafe")
         sample_doc[e * n:(e + 1) * n] = pos
-        sample_offset[e * n:(e + 1) * n] = starts - (ends[pos] - lengths[perm[pos]])
+        ends -= plen  # now the first token of each document position
+        np.subtract(starts, ends[pos], out=sample_offset[e * n:(e + 1) * n], casting="unsafe")
         shuffle[e * n:(e + 1) * n] = rng.permutation(n)
     return {"doc": doc, "sample_doc": sample_doc, "sample_offset": sample_offset, "shuffle": shuffle}
 
