@@ -71,18 +71,21 @@ def build_gpt_indices(doc_lengths: np.ndarray, lo: int, hi: int, seq_len: int, s
     shuffle = np.empty(num_epochs * n, smp_dt)
     starts = np.arange(n, dtype=np.int64) * seq_len  # token position of each sample in the epoch's stream
     positions = np.arange(num_docs, dtype=pos_dt)
+    # Buffers reused across epochs: fresh multi-MB arrays cost page faults each time.
+    perm, plen, due = (np.empty(num_docs, np.int64) for _ in range(3))
+    ends = np.zeros(num_docs + 1, np.int64)
     for e in range(num_epochs):
         rng = _epoch_rng(seed, split_id, e)
-        perm = rng.permutation(num_docs)
-        plen = lengths[perm]
-        ends = np.cumsum(plen)
-        # Samples starting inside document position p: ceil(end_p / L) - ceil(end_{p-1} / L), up to n in all;
-        # repeating each position that many times gives every sample's document without a search.
-        first_after = np.minimum(-(-ends // seq_len), n)
-        pos = np.repeat(positions, np.diff(first_after, prepend=0))
+        perm[:] = np.arange(num_docs)
+        rng.shuffle(perm)  # what rng.permutation(num_docs) returns, without a new array
+        np.take(lengths, perm, out=plen)
+        np.cumsum(plen, out=ends[1:])
+        # Samples starting inside document position p: ceil(end_p / L) - ceil(end_{p-1} / L), n in all
+        # (float64 is exact below 2^53 tokens); repeating each position that often gives every sample's document.
+        np.minimum(np.ceil(ends[1:] / seq_len), n, out=due, casting="unsafe")
+        pos = np.repeat(positions, np.diff(due, prepend=0))
         np.add(perm, lo, out=doc[e * num_docs:(e + 1) * num_docs], casting="unsafe")
         sample_doc[e * n:(e + 1) * n] = pos
-        ends -= plen  # now the first token of each document position
         np.subtract(starts, ends[pos], out=sample_offset[e * n:(e + 1) * n], casting="unsafe")
         shuffle[e * n:(e + 1) * n] = rng.permutation(n)
     return {"doc": doc, "sample_doc": sample_doc, "sample_offset": sample_offset, "shuffle": shuffle}
