@@ -75,7 +75,7 @@ class TokenDocuments:
         table = np.empty((len(self), 3), dtype=np.int64)
         for k, s in enumerate(self.shards):
             rows = table[self.shard_starts[k]:self.shard_starts[k + 1]]
-            np.floor_divide(s.pointers, s.dtype.itemsize, out=rows[:, 0])
+            np.right_shift(s.pointers, int(s.dtype.itemsize).bit_length() - 1, out=rows[:, 0])  # bytes → tokens
             rows[:, 1] = s.sizes
             rows[:, 2] = k
         return table
