@@ -37,7 +37,9 @@ def init_distributed(timeout_s: int) -> None:
     if "RANK" not in os.environ and not any(v in os.environ for v in _MPI_VARS):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    # mpi4py discovery (srun --mpi=pmi2, mpirun) would otherwise pick port 29500 whatever MASTER_PORT says.
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s),
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

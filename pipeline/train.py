@@ -104,7 +104,7 @@ class StopFlag:
         return bool(flag.item())
 
 
-def run(cfg, docs, tag) -> int:
+def run(cfg, docs, tag, stop) -> int:
     import torch
 
     from . import checkpoint, dist
@@ -146,7 +146,6 @@ def run(cfg, docs, tag) -> int:
             shutil.copyfile(tok["path"], os.path.join(cfg.checkpoint.dir, "tokenizer.model"))
 
     metrics = Metrics(cfg.log.jsonl, cfg.log.tensorboard_dir, enabled=rank == 0)
-    stop = StopFlag() if cfg.checkpoint.save_on_signal else None
     tokens_per_step = t.global_batch_size * cfg.model.seq_len
     fpt = flops_per_token(cfg.model)
     peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
@@ -215,8 +214,10 @@ def main(argv=None) -> None:
         sys.exit(2)
     from . import dist
 
+    # Installed before the (slow) start-up, so that a signal during it still ends in a checkpoint at step 1.
+    stop = StopFlag() if cfg.checkpoint.save_on_signal else None
     try:
-        code = run(cfg, docs, tag)
+        code = run(cfg, docs, tag, stop)
     except Exception as e:
         import traceback
 

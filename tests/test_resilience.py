@@ -1,0 +1,144 @@
+"""The trainer under interruption, on real 2-rank DeepSpeed ZeRO-3 runs: signals, kill -9 during saves,
+damaged checkpoints, dead ranks. The uninterrupted run is the oracle: every logged loss must equal its."""
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import yaml
+
+from tests.launch import run_ranks, start_ranks, wait_all
+
+STEPS = 12
+
+
+def write_config(tmp_path, token_dir, **over):
+    cfg = {
+        "model": {"arch": "llama", "num_layers": 2, "hidden_size": 32, "num_heads": 4, "kv_heads": 2,
+                  "ffn_hidden_size": 64, "seq_len": 32},
+        "parallel": {"zero_stage": 3},
+        "data": {"datasets": [{"path": str(token_dir), "weight": 1.0}]},
+        "train": {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3, "warmup_steps": 2,
+                  "dist_timeout_s": 60},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 1, "keep": 2},
+        "log": {"interval": 1, "jsonl": str(tmp_path / "log.jsonl")},
+    }
+    for key, value in over.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def losses(tmp_path):
+    rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "split" not in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, token_dir):
+    tmp = tmp_path_factory.mktemp("reference")
+    codes = run_ranks(2, "--config", write_config(tmp, token_dir), "checkpoint.interval=0", log_dir=tmp)
+    assert codes == [0, 0], (tmp / "rank0.log").read_text()[-3000:]
+    return dict(losses(tmp))
+
+
+def assert_matches_reference(tmp_path, reference):
+    seen = losses(tmp_path)
+    assert {s for s, _ in seen} == set(range(1, STEPS + 1))
+    for step, loss in seen:
+        assert loss == reference[step], f"step {step}: {loss} != {reference[step]}"
+
+
+def committed_steps(ckpt):
+    return sorted(int(d.name[len("global_step"):]) for d in ckpt.glob("global_step*") if (d / "COMMITTED").exists())
+
+
+def test_sigusr1_checkpoints_and_resume_is_exact(tmp_path, token_dir, reference):
+    cfg = write_config(tmp_path, token_dir, checkpoint__interval=0)
+    procs = start_ranks(2, "--config", cfg, log_dir=tmp_path)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    os.kill(procs[1].pid, signal.SIGUSR1)  # one rank only: the flag is agreed across ranks
+    codes = wait_all(procs, 120)
+    assert codes == [85, 85], (tmp_path / "rank0.log").read_text()[-3000:]
+    done = committed_steps(tmp_path / "ckpt")
+    assert len(done) == 1 and 3 <= done[0] < STEPS
+    assert run_ranks(2, "--config", cfg, log_dir=tmp_path) == [0, 0]
+    assert_matches_reference(tmp_path, reference)
+
+
+def test_kill9_during_saves_then_resume(tmp_path, token_dir, reference):
+    """10 trials: kill -9 one rank at a random moment of a run that saves every step; the other rank must end
+    within the timeout; the next run resumes from the last committed tag. Every logged loss equals the oracle's."""
+    cfg = write_config(tmp_path, token_dir, train__steps=STEPS * 100, train__dist_timeout_s=60)
+    rng = random.Random(0)
+    ckpt = tmp_path / "ckpt"
+    interrupted_saves = 0
+    for trial in range(10):
+        before = committed_steps(ckpt)
+        procs = start_ranks(2, "--config", cfg, f"train.steps={STEPS}", log_dir=tmp_path)
+        # wait until this run has committed a new checkpoint, then kill at a random moment
+        deadline = time.time() + 240
+        while time.time() < deadline and committed_steps(ckpt) == before and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        assert committed_steps(ckpt) != before, f"trial {trial}: no new checkpoint; see {tmp_path}/rank0.log"
+        time.sleep(rng.uniform(0.0, 0.6))
+        victim = procs[rng.randrange(2)]
+        if victim.poll() is None:
+            victim.send_signal(signal.SIGKILL)
+        t0 = time.time()
+        codes = wait_all(procs, 150)
+        assert None not in codes, f"trial {trial}: a rank outlived its peer by 150 s"
+        assert time.time() - t0 < 120
+        uncommitted = [d for d in ckpt.glob("global_step*") if not (d / "COMMITTED").exists()]
+        interrupted_saves += bool(uncommitted)
+        latest = (ckpt / "latest").read_text().strip()
+        assert (ckpt / latest / "COMMITTED").exists(), f"trial {trial}: latest names an uncommitted tag"
+        if committed_steps(ckpt) and max(committed_steps(ckpt)) >= STEPS:
+            break
+    assert run_ranks(2, "--config", cfg, f"train.steps={STEPS}", log_dir=tmp_path) == [0, 0]
+    assert_matches_reference(tmp_path, reference)
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path, token_dir, reference):
+    cfg = write_config(tmp_path, token_dir, checkpoint__interval=2, checkpoint__keep=3)
+    assert run_ranks(2, "--config", cfg, log_dir=tmp_path) == [0, 0]
+    newest = tmp_path / "ckpt" / f"global_step{STEPS}"
+    victim = max((p for p in newest.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    assert run_ranks(2, "--config", cfg, log_dir=tmp_path) == [0, 0]
+    text = (tmp_path / "rank0.log").read_text()
+    assert f"skipping damaged checkpoint global_step{STEPS}" in text
+    assert f"resumed from global_step{STEPS - 2}" in text
+    assert_matches_reference(tmp_path, reference)
+
+
+def test_changed_model_shape_is_refused(tmp_path, token_dir):
+    cfg = write_config(tmp_path, token_dir)
+    assert run_ranks(1, "--config", cfg, "train.steps=1", "train.global_batch_size=2", log_dir=tmp_path) == [0]
+    codes = run_ranks(1, "--config", cfg, "train.steps=2", "train.global_batch_size=2", "model.hidden_size=64",
+                      log_dir=tmp_path)
+    assert codes == [2]
+    err = (tmp_path / "rank0.log").read_text().strip().splitlines()[-1]
+    assert err.startswith("error: cannot resume") and "model.hidden_size 32 -> 64" in err
+
+
+def test_dead_rank_ends_the_job_within_timeout(tmp_path, token_dir):
+    cfg = write_config(tmp_path, token_dir, train__steps=100000, checkpoint__interval=0, train__dist_timeout_s=20)
+    procs = start_ranks(2, "--config", cfg, log_dir=tmp_path)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    codes = wait_all(procs, 60)
+    assert codes[0] not in (0, None), codes
+    assert time.time() - t0 < 30
