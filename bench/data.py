@@ -131,7 +131,7 @@ def run(a, folder, docs, caches) -> None:
     fresh = iter(range(100))
     new_cache = lambda: os.path.join(caches, f"c{next(fresh)}")
 
-    print("\n== index build: open + build + save to a fresh cache folder (best of 3, interleaved) ==")
+    print("\n== index build: open + build + save to a fresh cache folder (best of 5, interleaved) ==")
     builders = {"ours": lambda cache: GPTDataset(TokenDocuments(folder), a.seq_len, a.num_samples, SEED, "100,0,0",
                                                  cache_dir=cache)}
     if have_megatron:
@@ -140,7 +140,7 @@ def run(a, folder, docs, caches) -> None:
         prefix = os.path.join(folder, "shard_00000")
         builders["megatron"] = lambda cache: megatron_dataset(prefix, a.seq_len, a.num_samples, cache)
     wall, cpu, built = {}, {}, {}
-    for _ in range(3):
+    for _ in range(5):
         for name, fn in builders.items():
             cache = new_cache()
             t0, c0 = time.perf_counter(), time.process_time()
