@@ -21,12 +21,18 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 class Metrics:
-    def __init__(self, jsonl: str | None, tensorboard_dir: str | None, enabled: bool):
+    def __init__(self, jsonl: str | None, tensorboard_dir: str | None, enabled: bool,
+                 wandb_project: str | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.jsonl = None
         self.tb = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, config=run_config, resume="allow")
         if jsonl:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl)), exist_ok=True)
             self.jsonl = open(jsonl, "a", buffering=1)
@@ -45,6 +51,10 @@ class Metrics:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "split"):
                     self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        if self.wandb:
+            prefix = record.get("split", "train")
+            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
+                            and k not in ("step", "split")}, step=record["step"])
         if record.get("split") == "valid":
             log.info("step %d | valid loss %.4f | ppl %.2f", record["step"], record["loss"], record["ppl"])
         else:
@@ -58,3 +68,5 @@ class Metrics:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -145,7 +145,8 @@ def run(cfg, docs, tag, stop) -> int:
         if tok and not os.path.exists(os.path.join(cfg.checkpoint.dir, "tokenizer.model")):
             shutil.copyfile(tok["path"], os.path.join(cfg.checkpoint.dir, "tokenizer.model"))
 
-    metrics = Metrics(cfg.log.jsonl, cfg.log.tensorboard_dir, enabled=rank == 0)
+    metrics = Metrics(cfg.log.jsonl, cfg.log.tensorboard_dir, enabled=rank == 0,
+                      wandb_project=cfg.log.wandb_project, run_config=cfg.to_dict())
     tokens_per_step = t.global_batch_size * cfg.model.seq_len
     fpt = flops_per_token(cfg.model)
     peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)

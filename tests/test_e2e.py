@@ -18,7 +18,7 @@ def tiny_config(tmp_path, token_dir, **train):
         "train": {"steps": 40, "global_batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "min_lr": 3e-4,
                   "warmup_steps": 5, **train},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 20},
-        "log": {"interval": 1, "jsonl": str(tmp_path / "log.jsonl")},
+        "log": {"interval": 1, "jsonl": str(tmp_path / "log.jsonl"), "tensorboard_dir": str(tmp_path / "tb")},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -47,6 +47,12 @@ def test_loss_falls_and_checkpoint_is_committed(trained):
     assert (ckpt / "latest").read_text().strip() == "global_step40"
     assert (ckpt / "global_step40" / "COMMITTED").exists()
     assert (ckpt / "global_step20" / "COMMITTED").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained / "tb"))
+    events.Reload()
+    tb_loss = [e.value for e in events.Scalars("train/loss")]
+    assert len(tb_loss) == 40 and tb_loss[-1] == pytest.approx(train[-1]["loss"])
 
 
 def test_export_loads_in_transformers_with_equal_logits(trained, tokenizer_model):
