@@ -83,6 +83,17 @@ class LRSchedule:
         return (t.min_lr + (t.lr - t.min_lr) * decay) / t.lr
 
 
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by torch, or on CPU the process's peak resident set."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; agreed across ranks each step so that all stop at the same step."""
 
@@ -185,7 +196,7 @@ def run(cfg, docs, tag, stop) -> int:
                            "consumed_samples": consumed, "tokens": consumed * cfg.model.seq_len,
                            "tokens_per_sec": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
                            "step_time_s": elapsed,
-                           "mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0})
+                           "mem_mb": peak_memory_mb()})
         if valid_ds is not None and t.eval_interval > 0 and step % t.eval_interval == 0:
             evaluate()
         if stop is not None and stop.agreed():
