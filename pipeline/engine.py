@@ -78,6 +78,9 @@ class TrainEngine:
         if p.pp > 1 and p.zero_stage >= 2:
             raise ValueError(f"parallel.zero_stage {p.zero_stage} with parallel.pp {p.pp}: DeepSpeed's pipeline "
                              "engine supports ZeRO 0-1 only; set parallel.zero_stage=1")
+        if p.pp > 1 and cfg.train.freeze_layers and cfg.model.tie_embeddings:
+            raise ValueError("train.freeze_layers with parallel.pp > 1 and model.tie_embeddings: DeepSpeed's pipeline "
+                             "engine all-reduces the tied embedding's gradient, which a frozen embedding lacks; use pp=1")
         self.world = dist.world_size()
         self.state = ParallelState(p.tp, p.pp)
         self.dp_size, self.dp_rank = self.state.dp, self.state.coord.dp

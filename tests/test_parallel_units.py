@@ -99,3 +99,13 @@ def test_meta_model_materialises_exactly_this_ranks_shard(arch, kv, tp):
             assert torch.equal(got[k], want[k]), k
         if cfg.tie_embeddings:
             assert meta.lm_head.weight is meta.embed_tokens.weight
+
+
+def test_frozen_tied_embedding_in_a_pipeline_is_refused():
+    from pipeline.engine import build_engine
+    from tests.test_parallel_parity import run_config
+
+    cfg = run_config("gpt", tp=1, pp=2, zero=1)
+    cfg.train.freeze_layers = 1
+    with pytest.raises(ValueError, match="train.freeze_layers with parallel.pp"):
+        build_engine(cfg)
