@@ -23,6 +23,9 @@ from .ds_config import build_ds_config
 from .model import build_model, lm_loss, num_params
 
 
+IGNORE = -100  # label of a position excluded from the loss
+
+
 def build_optimizer(model, t):
     """AdamW (torch's: no compiled ops) with no weight decay on norms and biases, and the LR schedule.
 
@@ -117,12 +120,17 @@ class TrainEngine:
         self.device = self.engine.device
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy; vocab-parallel (never the full logits) when tp > 1."""
+        """Mean cross-entropy; vocab-parallel (never the full logits) when tp > 1. Labels of IGNORE are masked
+        out (data.mask_eod_loss), so the mask travels with the labels through every layout, pipelines included."""
+        mask = None
+        if (labels == IGNORE).any():
+            mask, labels = labels != IGNORE, labels.clamp(min=0)
         if self.state.tp == 1:
-            return lm_loss(logits, labels)
+            return lm_loss(logits, labels, mask)
         from .parallel.layers import vocab_parallel_cross_entropy
 
-        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.state.tp_group)
+        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.state.tp_group,
+                                            loss_mask=mask)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         if self.dp_size > 1:
@@ -130,15 +138,19 @@ class TrainEngine:
             value = value / self.dp_size
         return value.item()
 
-    def _micro_batches(self, batch: torch.Tensor):
-        return iter([(mb[:, :-1], mb[:, 1:]) for mb in batch.to(self.device).split(self.micro)])
+    def _micro_batches(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None):
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        if loss_mask is not None:
+            labels = labels.masked_fill(loss_mask == 0, IGNORE)
+        return iter(list(zip(inputs.to(self.device).split(self.micro), labels.to(self.device).split(self.micro))))
 
-    def train_step(self, batch: torch.Tensor) -> float:
-        """One optimizer step on this rank's [per_rank, seq_len+1] tokens; returns the global-batch mean loss."""
+    def train_step(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None) -> float:
+        """One optimizer step on this rank's [per_rank, seq_len+1] tokens (and [per_rank, seq_len] loss mask);
+        returns the global-batch mean loss."""
         if self.pipelined:
-            return float(self.engine.train_batch(self._micro_batches(batch)))
+            return float(self.engine.train_batch(self._micro_batches(batch, loss_mask)))
         total = torch.zeros((), device=self.device)
-        chunks = list(self._micro_batches(batch))
+        chunks = list(self._micro_batches(batch, loss_mask))
         for inputs, labels in chunks:
             loss = self.loss(self.engine(inputs), labels)
             self.engine.backward(loss)
@@ -147,12 +159,12 @@ class TrainEngine:
         return self._dp_mean(total / len(chunks))
 
     @torch.no_grad()
-    def eval_loss(self, batch: torch.Tensor) -> float:
+    def eval_loss(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None) -> float:
         if self.pipelined:
             n = -(-batch.shape[0] // self.micro)
-            return float(self.engine.eval_batch(self._micro_batches(batch), num_micro_batches=n))
+            return float(self.engine.eval_batch(self._micro_batches(batch, loss_mask), num_micro_batches=n))
         self.engine.eval()
-        losses = [self.loss(self.engine(x), y) for x, y in self._micro_batches(batch)]
+        losses = [self.loss(self.engine(x), y) for x, y in self._micro_batches(batch, loss_mask)]
         self.engine.train()
         return self._dp_mean(torch.stack(losses).mean())
 

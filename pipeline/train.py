@@ -57,6 +57,9 @@ def prepare(args):
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("log.wandb_project is set but wandb is not installed (pip install wandb)") from None
+    from .data import build_datasets
+
+    build_datasets(cfg, docs)  # a split too small for the steps fails here, in one line; run() reuses the cache
     tag = checkpoint.resolve_tag(cfg.checkpoint.dir)
     if tag is not None:
         problem = checkpoint.check_compatible(cfg.checkpoint.dir, tag, cfg.to_dict()["model"], data_fingerprint(docs))
@@ -119,7 +122,7 @@ def run(cfg, docs, tag, stop) -> int:
     import torch
 
     from . import checkpoint, dist
-    from .data import build_datasets, batch_for_rank
+    from .data import batch_for_rank, build_datasets, loss_mask
     from .engine import build_engine
     from .metrics import Metrics, peak_tflops
     from .config import dump
@@ -167,15 +170,23 @@ def run(cfg, docs, tag, stop) -> int:
                         {"step": step, "consumed_samples": consumed, "data_fingerprint": fingerprint,
                          "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep)
 
+    eod = (docs[0].tokenizer or {}).get("eod_id")
+    if cfg.data.mask_eod_loss and eod is None:
+        raise ValueError("data.mask_eod_loss needs the EOD id from a dataset manifest")
+
+    def batch(ds, k):
+        tokens = batch_for_rank(ds, k, t.global_batch_size, dp_rank, dp)
+        mask = torch.from_numpy(loss_mask(tokens, eod)) if cfg.data.mask_eod_loss else None
+        return torch.from_numpy(tokens), mask
+
     def evaluate():
-        losses = [engine.eval_loss(torch.from_numpy(batch_for_rank(valid_ds, k, t.global_batch_size, dp_rank, dp)))
-                  for k in range(t.eval_iters)]
+        losses = [engine.eval_loss(*batch(valid_ds, k)) for k in range(t.eval_iters)]
         loss = sum(losses) / len(losses)
         metrics.write({"split": "valid", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50))})
 
     t_last, code = time.time(), 0
     while step < t.steps:
-        loss = engine.train_step(torch.from_numpy(batch_for_rank(train_ds, step, t.global_batch_size, dp_rank, dp)))
+        loss = engine.train_step(*batch(train_ds, step))
         if not math.isfinite(loss) and t.on_nonfinite == "skip":
             # fp16 only (validated): DeepSpeed's loss scaler has already skipped this update.
             if rank == 0:
