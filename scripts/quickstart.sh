@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 OUT=runs/quickstart
 NPROC=${NPROC:-2}
 rm -rf "$OUT/checkpoints" "$OUT/hf" "$OUT/log.jsonl"
