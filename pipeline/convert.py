@@ -205,13 +205,16 @@ def main(argv=None) -> None:
     f.add_argument("ckpt", metavar="CKPT", help="checkpoint folder to create (the run's checkpoint.dir)")
     f.add_argument("--config", required=True, help="run config YAML; its model keys must agree with the HF config")
     f.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")
-    r = sub.add_parser("reshape", help="move a checkpoint (weights and optimizer state) to another tp/pp layout")
-    r.add_argument("ckpt", metavar="CKPT")
-    r.add_argument("out", metavar="OUT")
-    r.add_argument("--tp", type=int, required=True)
-    r.add_argument("--pp", type=int, required=True)
-    r.add_argument("--tag", default=None)
-    r.add_argument("--overwrite", action="store_true")
+    r = sub.add_parser("reshape", help="move a checkpoint (weights and optimizer state) to another tp/pp layout",
+                       description="Writes OUT as a universal checkpoint; resume with checkpoint.dir=OUT "
+                                   "parallel.tp=T parallel.pp=P parallel.deepspeed_config=OUT/ds_universal.json "
+                                   "at any data-parallel size.")
+    r.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (checkpoint.dir of the run)")
+    r.add_argument("out", metavar="OUT", help="new checkpoint folder (written to a temporary name, then renamed)")
+    r.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the new layout")
+    r.add_argument("--pp", type=int, required=True, help="pipeline stages of the new layout")
+    r.add_argument("--tag", default=None, help="e.g. global_step1000 (default: latest committed)")
+    r.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     try:
         if args.command == "to-hf":

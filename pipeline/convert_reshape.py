@@ -12,7 +12,9 @@ OUT is a checkpoint folder: `OUT/<tag>` with a `UNIVERSAL` marker and `OUT/ds_un
 
     pipeline.train --config X parallel.tp=T parallel.pp=P checkpoint.dir=OUT parallel.deepspeed_config=OUT/ds_universal.json
 
-Switching between ZeRO-3 and ZeRO-0/1/2 is not possible this way (FACTS.md), nor is it needed for tp changes.
+Switching between ZeRO-3 and ZeRO-0/1/2 is not possible this way (FACTS.md). DeepSpeed's ZeRO-3 loader of
+universal checkpoints neither cuts tensor-parallel shards nor pads the vocabulary: ZeRO-3 runs reshape to tp 1
+only (vocabulary tensors padded here for it); ZeRO-0/1 runs (pipelines) to any tp and pp.
 """
 from __future__ import annotations
 
@@ -81,6 +83,26 @@ def _prepare_input(src: str, work: str, info: dict) -> None:
             os.symlink(os.path.abspath(path), os.path.join(work, name))
 
 
+def _pad_vocab_for_zero3(zero_dir: str, cfg) -> None:
+    """ZeRO-3's universal loader takes each tensor as the parameter's exact full value (no vocab padding, unlike
+    the ZeRO-1 loader): give the vocabulary tensors the padded rows of the new layout (zero, like fresh ones)."""
+    from .model import padded_vocab_size
+
+    rows = padded_vocab_size(cfg.model.vocab_size, max(1, cfg.model.make_vocab_size_divisible_by) * cfg.parallel.tp)
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        folder = os.path.join(zero_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        for f in os.listdir(folder):
+            path = os.path.join(folder, f)
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            t = state.get("param") if isinstance(state, dict) else None
+            if t is None or t.dim() != 2 or t.shape[0] >= rows:
+                continue
+            state["param"] = torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
+            torch.save(state, path)
+
+
 def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, overwrite: bool = False) -> str:
     from .convert import staging_dir
 
@@ -101,6 +123,9 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
     if pp > 1 and cfg.parallel.zero_stage >= 2:
         raise ValueError(f"{src} was trained with ZeRO-{cfg.parallel.zero_stage}; pipeline stages need ZeRO-0/1, and "
                          "universal checkpoints cannot switch between ZeRO-3 and ZeRO-1 (FACTS.md)")
+    if cfg.parallel.zero_stage == 3 and tp > 1:
+        raise ValueError(f"{src} was trained with ZeRO-3: DeepSpeed's ZeRO-3 loader of universal checkpoints does not "
+                         "cut tensor-parallel shards, so only --tp 1 is possible (any data-parallel size)")
     validate(new)
     with staging_dir(out, overwrite) as tmp:
         work = os.path.join(tmp, ".input")
@@ -124,6 +149,8 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
             for name in os.listdir(zero):
                 if name.startswith("."):
                     os.rename(os.path.join(zero, name), os.path.join(zero, name[1:]))
+        if cfg.parallel.zero_stage == 3:
+            _pad_vocab_for_zero3(os.path.join(dst, "zero"), new)
         for name in os.listdir(src):
             if name.startswith("rng_rank"):
                 shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
