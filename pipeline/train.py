@@ -146,8 +146,9 @@ def run(cfg, docs, tag, stop) -> int:
     fingerprint = data_fingerprint(docs)
 
     step, consumed = 0, 0
-    if weights_only and rank == 0:
-        log.info("starting from the weights of %s (fresh optimizer, step 0)", tag)
+    if weights_only:
+        if rank == 0:
+            log.info("starting from the weights of %s (fresh optimizer, step 0)", tag)
     elif tag is not None:
         state = checkpoint.load(engine.engine, cfg.checkpoint.dir, tag)
         step, consumed = state["step"], state["consumed_samples"]
