@@ -4,7 +4,6 @@ Every user error raises `ValueError` naming the key at fault and what to do.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import typing

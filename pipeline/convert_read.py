@@ -192,8 +192,8 @@ def _unpad_vocab(sd: LazyStateDict, vocab: int) -> LazyStateDict:
     return sd
 
 
-def open_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[LazyStateDict, RunConfig, str, str]:
-    """(lazy full state dict, run config, tag, layout) of a committed checkpoint in any layout."""
+def committed_tag(ckpt_dir: str, tag: str | None = None) -> tuple[str, str]:
+    """(tag, its folder) of the requested or newest committed, intact checkpoint; ValueError naming the folder."""
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir}: no such checkpoint folder")
     try:
@@ -202,7 +202,12 @@ def open_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[LazyStateDic
         raise ValueError(str(e)) from None
     if tag is None:
         raise ValueError(f"{ckpt_dir}: no committed checkpoint found (no global_stepN folder with a {checkpoint.COMMIT} marker)")
-    tag_dir = os.path.join(ckpt_dir, tag)
+    return tag, os.path.join(ckpt_dir, tag)
+
+
+def open_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[LazyStateDict, RunConfig, str, str]:
+    """(lazy full state dict, run config, tag, layout) of a committed checkpoint in any layout."""
+    tag, tag_dir = committed_tag(ckpt_dir, tag)
     cfg = read_run_config(tag_dir)
     layout = detect_layout(tag_dir)
     if layout == "weights-only":

@@ -31,7 +31,7 @@ import torch
 
 from . import checkpoint
 from .config import validate
-from .convert_read import _LAYER, _MP_MODEL, _ZERO_MODEL, detect_layout, read_run_config
+from .convert_read import _LAYER, _MP_MODEL, _ZERO_MODEL, committed_tag, detect_layout, read_run_config
 
 UNIVERSAL = "UNIVERSAL"
 DS_JSON = "ds_universal.json"
@@ -106,15 +106,7 @@ def _pad_vocab_for_zero3(zero_dir: str, cfg) -> None:
 def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, overwrite: bool = False) -> str:
     from .convert import staging_dir
 
-    if not os.path.isdir(ckpt_dir):
-        raise ValueError(f"{ckpt_dir}: no such checkpoint folder")
-    try:
-        tag = checkpoint.resolve_tag(ckpt_dir, tag)
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
-    if tag is None:
-        raise ValueError(f"{ckpt_dir}: no committed checkpoint found")
-    src = os.path.join(ckpt_dir, tag)
+    tag, src = committed_tag(ckpt_dir, tag)
     cfg = read_run_config(src)
     layout = detect_layout(src)
     if layout == "weights-only":
