@@ -168,6 +168,15 @@ class TrainEngine:
         self.engine.train()
         return self._dp_mean(torch.stack(losses).mean())
 
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every rank's parameters (its ZeRO-3 partition, TP shard, stage) are finite. Collective."""
+        ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in self.engine.module.parameters())
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+        if self.world > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def grad_norm(self) -> float | None:
         gn = self.engine.get_global_grad_norm()
         return float(gn) if gn is not None else None

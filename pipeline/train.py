@@ -167,6 +167,9 @@ def run(cfg, docs, tag, stop) -> int:
     peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
     def save():
+        if not engine.weights_finite():  # a finite loss can still be followed by a non-finite update
+            raise FloatingPointError(f"non-finite weights after step {step}; not saving over the last good "
+                                     f"checkpoint ({checkpoint.resolve_tag(cfg.checkpoint.dir)})")
         checkpoint.save(engine.engine, cfg.checkpoint.dir, step,
                         {"step": step, "consumed_samples": consumed, "data_fingerprint": fingerprint,
                          "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep)
@@ -188,14 +191,18 @@ def run(cfg, docs, tag, stop) -> int:
     t_last, code = time.time(), 0
     while step < t.steps:
         loss = engine.train_step(*batch(train_ds, step))
-        if not math.isfinite(loss) and t.on_nonfinite == "skip":
+        grad_norm = engine.grad_norm()
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if not finite and t.on_nonfinite == "skip":
             # fp16 only (validated): DeepSpeed's loss scaler has already skipped this update.
             if rank == 0:
-                log.warning("non-finite loss at step %d: update skipped by the fp16 loss scaler", step + 1)
-        elif not math.isfinite(loss):
-            # The update has already been applied: stop before anything is saved (the last commit stays good).
-            raise FloatingPointError(f"non-finite loss {loss} at step {step + 1}; stopping without saving "
-                                     f"(last good checkpoint: {checkpoint.resolve_tag(cfg.checkpoint.dir)})")
+                log.warning("non-finite loss or gradients at step %d: update skipped by the fp16 loss scaler", step + 1)
+        elif not finite:
+            # DeepSpeed skips an update with non-finite gradients, but the run has diverged: stop before anything
+            # more is saved, so the last committed checkpoint stays the last good one.
+            raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step + 1}; "
+                                     f"stopping without saving (last good checkpoint: "
+                                     f"{checkpoint.resolve_tag(cfg.checkpoint.dir)})")
         step += 1
         consumed += t.global_batch_size
         if step % cfg.log.interval == 0 or step == t.steps:
@@ -204,7 +211,7 @@ def run(cfg, docs, tag, stop) -> int:
             t_last = now
             tps = tokens_per_step / elapsed
             tflops = fpt * tps / world / 1e12
-            metrics.write({"step": step, "loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
+            metrics.write({"step": step, "loss": loss, "lr": engine.lr(), "grad_norm": grad_norm,
                            "consumed_samples": consumed, "tokens": consumed * cfg.model.seq_len,
                            "tokens_per_sec": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
                            "step_time_s": elapsed,

@@ -142,3 +142,17 @@ def test_dead_rank_ends_the_job_within_timeout(tmp_path, token_dir):
     codes = wait_all(procs, 60)
     assert codes[0] not in (0, None), codes
     assert time.time() - t0 < 30
+
+
+def test_nonfinite_loss_never_overwrites_a_good_checkpoint(tmp_path, token_dir):
+    """A learning rate near the edge of fp32 (3e37): step 1 trains and is saved, its update leaves weights near
+    fp32's limit, step 2's gradients overflow (DeepSpeed skips that update); the run stops with one error line
+    before saving anything more, and `latest` still names the step-1 checkpoint."""
+    cfg = write_config(tmp_path, token_dir, checkpoint__interval=1)
+    codes = run_ranks(1, "--config", cfg, "train.global_batch_size=2", "train.micro_batch_size=2", "train.steps=3",
+                      "train.warmup_steps=0", "train.lr=3e37", "train.min_lr=3e37", log_dir=tmp_path)
+    assert codes == [1]
+    err = (tmp_path / "rank0.log").read_text().strip().splitlines()[-1]
+    assert err.startswith("error:") and "non-finite" in err and "at step 2" in err, err
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step1"
+    assert committed_steps(tmp_path / "ckpt") == [1]
