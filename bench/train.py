@@ -119,16 +119,16 @@ def main():
 
     plain = time_plain(cfg1, data, args.warmup)
     rows = []
-    for stage in (1, 3):
+    for stage in (1, 0, 3):  # ZeRO-1 first: ru_maxrss is a lifetime peak, so only the first engine's is its own
         cfg = make_cfg(args, work, os.path.join(work, f"c{stage}"), stage)
         step, engine, peak = time_engine(cfg, data, args.warmup)
         rows.append((stage, step, engine, peak, cfg))
     print(f"\n{'':28s}{'s/step':>10s}{'÷ plain':>10s}")
     print(f"{'plain PyTorch loop':28s}{plain:10.3f}{1.0:10.2f}")
-    for stage, step, *_ in rows:
+    for stage, step, *_ in sorted(rows, key=lambda r: r[0]):
         print(f"{f'TrainEngine ZeRO-{stage}':28s}{step:10.3f}{step / plain:10.2f}   (goal <= 1.10)")
 
-    stage, _, engine, peak, cfg = rows[0]
+    stage, _, engine, peak, cfg = rows[0]  # ZeRO-1: DeepSpeed's checkpoint files as pipelines write them
     t0 = time.perf_counter()
     checkpoint.save(engine.engine, cfg.checkpoint.dir, 1, {"step": 1, "consumed_samples": 0}, cfg.to_dict(), 1)
     os.sync()

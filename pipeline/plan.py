@@ -6,7 +6,8 @@ GPU, no process group and no data (data checks run when the datasets exist). `pi
 checks before it starts any process group.
 
 Memory model (bytes per parameter, per rank): weights 2 (bf16/fp16) or 4 (fp32); gradients the same; Adam
-states 12 with mixed precision (fp32 master, m, v) or 8 in fp32; ZeRO-1 shards the optimizer states over the
+states 12 (fp32 master, m, v; DeepSpeed's ZeRO optimizers keep the master copy in fp32 runs too) or 8 in fp32
+without ZeRO; ZeRO-1 shards the optimizer states over the
 data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload moves them to CPU memory.
 Activations per layer and micro batch follow Korthikanti et al. (2022) with fused attention (no s² term):
 s·b·h·(10 + 24/t) bytes in 16-bit (twice in fp32), or 2·s·b·h with full activation checkpointing plus one
@@ -61,7 +62,9 @@ def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, fl
     m, p, t = cfg.model, cfg.parallel, cfg.train
     n = count_params(cfg).per_rank
     wbytes = 4 if t.precision == "fp32" else 2
-    opt_bytes = 8 if t.precision == "fp32" else 12
+    # Adam's m and v in fp32, plus an fp32 master copy of the weights: with 16-bit weights always, and with fp32
+    # weights too under ZeRO >= 1 (DeepSpeed's ZeRO optimizers keep their own flat fp32 partition).
+    opt_bytes = 8 if (t.precision == "fp32" and p.zero_stage == 0) else 12
     weights, grads, optim = n * wbytes, n * wbytes, n * opt_bytes
     if p.zero_stage >= 1:
         optim /= dp
