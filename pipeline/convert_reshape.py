@@ -86,9 +86,9 @@ def _prepare_input(src: str, work: str, info: dict) -> None:
 def _pad_vocab_for_zero3(zero_dir: str, cfg) -> None:
     """ZeRO-3's universal loader takes each tensor as the parameter's exact full value (no vocab padding, unlike
     the ZeRO-1 loader): give the vocabulary tensors the padded rows of the new layout (zero, like fresh ones)."""
-    from .model import padded_vocab_size
+    from .config import padded_vocab_size
 
-    rows = padded_vocab_size(cfg.model.vocab_size, max(1, cfg.model.make_vocab_size_divisible_by) * cfg.parallel.tp)
+    rows = padded_vocab_size(cfg.model, cfg.parallel.tp)
     for name in ("embed_tokens.weight", "lm_head.weight"):
         folder = os.path.join(zero_dir, name)
         if not os.path.isdir(folder):

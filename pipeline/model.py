@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, resolve_model_defaults
+from .config import ModelConfig, padded_vocab_size, resolve_model_defaults
 
 
 class RMSNorm(nn.Module):
@@ -46,11 +46,6 @@ def apply_rope(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
-
-
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """`vocab_size` rounded up to a multiple of `multiple` (make_vocab_size_divisible_by x tp)."""
-    return -(-vocab_size // multiple) * multiple
 
 
 class Attention(nn.Module):
@@ -142,7 +137,7 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size is unset (it is normally taken from the data manifest)")
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, max(1, cfg.make_vocab_size_divisible_by) * tp)
+        self.padded_vocab_size = padded_vocab_size(cfg, tp)
         # True once lm_head is vocab-parallel: forward then returns this rank's slice of the padded logits.
         self.vocab_parallel = False
         self.embed_tokens = nn.Embedding(self.padded_vocab_size, cfg.hidden_size)

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig, resolve_model_defaults
-from ..model import padded_vocab_size
+from ..config import ModelConfig, padded_vocab_size, resolve_model_defaults
 
 COLUMN = ("attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias",
           "attn.v_proj.weight", "attn.v_proj.bias", "mlp.gate_proj.weight", "mlp.up_proj.weight",
@@ -33,7 +32,7 @@ VOCAB = ("embed_tokens.weight", "lm_head.weight")
 
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
-    return padded_vocab_size(cfg.vocab_size, max(1, cfg.make_vocab_size_divisible_by) * tp)
+    return padded_vocab_size(cfg, tp)
 
 
 def split_dim(name: str) -> int | None:
