@@ -80,6 +80,45 @@ def memmap_reader(docs: TokenDocuments):
     return read
 
 
+def share_error(dataset: np.ndarray, weights: np.ndarray) -> float:
+    """max over prefixes t and datasets k of |count_k(t) - t w_k|: checked just before and just after each pick."""
+    worst = 0.0
+    for k, w in enumerate(weights):
+        t = np.flatnonzero(dataset == k) + 1.0  # the prefix lengths at which k is picked
+        j = np.arange(len(t), dtype=np.float64)
+        worst = max(worst, np.abs(j + 1 - t * w).max(initial=0), np.abs(j - (t - 1) * w).max(initial=0),
+                    abs(len(t) - len(dataset) * w))
+    return worst
+
+
+def blend_section(a, have_megatron: bool) -> None:
+    from pipeline.data.blend import blend_order, bound
+
+    n = int(a.blend_samples)
+    print(f"\n== blend indices: {n:,} positions, Dirichlet(1) weights (CPU time; max |count - share| over "
+          f"every prefix) ==")
+    blend_order(np.array([0.5, 0.5]), 10, np.int16, np.int64)  # numba: compile or load from its cache first
+    if have_megatron:
+        from megatron.core.datasets import helpers_cpp
+    for k in (3, 10, 64):
+        w = np.random.default_rng(k).dirichlet(np.ones(k))
+        t_ours = t_theirs = np.inf
+        for _ in range(2):  # best of 2, interleaved: the first touch of fresh memory costs either side alike
+            c0 = time.process_time()
+            ours, _ = blend_order(w, n, np.int16, np.int64)
+            t_ours = min(t_ours, time.process_time() - c0)
+            if have_megatron:
+                theirs, theirs_sample = np.zeros(n, np.int16), np.zeros(n, np.int64)
+                c0 = time.process_time()
+                helpers_cpp.build_blending_indices(theirs, theirs_sample, w, k, n, False)
+                t_theirs = min(t_theirs, time.process_time() - c0)
+        line = f"K={k:3d}  ours {t_ours:6.2f}s error {share_error(ours, w):.3f} (bound {bound(k):.3f})"
+        if have_megatron:
+            line += (f" | megatron {t_theirs:6.2f}s error {share_error(theirs, w):.3f}"
+                     f" | time megatron/ours {t_theirs / t_ours:.2f}x")
+        print(line)
+
+
 def rss_report(folder, seq_len, num_samples, cache, reads) -> dict:
     """Run in a fresh process: memory of a rank that maps an already built cache and reads samples."""
     def status():
@@ -102,6 +141,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--num-samples", type=int, default=1_000_000)
     p.add_argument("--reads", type=int, default=20_000)
+    p.add_argument("--repeats", type=int, default=9, help="index builds per side")
+    p.add_argument("--blend-samples", type=float, default=1e7)
     p.add_argument("--work", default="/tmp/bench_data")
     p.add_argument("--megatron", default="/tmp/mcore", help="a --target folder holding megatron-core")
     p.add_argument("--rss-child", nargs=2, metavar=("FOLDER", "CACHE"), help=argparse.SUPPRESS)
@@ -131,7 +172,8 @@ def run(a, folder, docs, caches) -> None:
     fresh = iter(range(100))
     new_cache = lambda: os.path.join(caches, f"c{next(fresh)}")
 
-    print("\n== index build: open + build + save to a fresh cache folder (best of 5, interleaved) ==")
+    print(f"\n== index build: open + build + save to a fresh cache folder (best and median of {a.repeats}, "
+          f"interleaved; dirty pages synced before each) ==")
     builders = {"ours": lambda cache: GPTDataset(TokenDocuments(folder), a.seq_len, a.num_samples, SEED, "100,0,0",
                                                  cache_dir=cache)}
     if have_megatron:
@@ -139,26 +181,34 @@ def run(a, folder, docs, caches) -> None:
         logging.disable(logging.WARNING)
         prefix = os.path.join(folder, "shard_00000")
         builders["megatron"] = lambda cache: megatron_dataset(prefix, a.seq_len, a.num_samples, cache)
-    wall, cpu, built = {}, {}, {}
-    for _ in range(5):
+    walls, cpus, built = {n: [] for n in builders}, {n: [] for n in builders}, {}
+    for _ in range(a.repeats):
         for name, fn in builders.items():
             cache = new_cache()
+            os.sync()  # the previous build's writeback must not land inside this one's timing
             t0, c0 = time.perf_counter(), time.process_time()
             built[name] = fn(cache)
-            wall[name] = min(wall.get(name, 1e9), time.perf_counter() - t0)
-            cpu[name] = min(cpu.get(name, 1e9), time.process_time() - c0)
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
             t0 = time.perf_counter()
             fn(cache)
             built[name + " (cache hit)"] = time.perf_counter() - t0
             if name == "ours":
                 ours_cache = cache
     ds, mds = built["ours"], built.get("megatron")
+    wall = {n: (min(v), float(np.median(v))) for n, v in walls.items()}
+    cpu = {n: (min(v), float(np.median(v))) for n, v in cpus.items()}
     for name in builders:
-        print(f"{name:9s} wall {wall[name]:.2f}s  CPU {cpu[name]:.2f}s  load from cache {built[name + ' (cache hit)']:.3f}s")
-    print(f"ours: {ds.num_epochs} epochs, {ds.samples_per_epoch:,} samples/epoch")
+        print(f"{name:9s} wall best {wall[name][0]:.3f}s median {wall[name][1]:.3f}s  CPU best {cpu[name][0]:.3f}s "
+              f"median {cpu[name][1]:.3f}s  load from cache {built[name + ' (cache hit)']:.3f}s")
+    print(f"ours: {ds.num_epochs} epochs, {ds.samples_per_epoch:,} samples/epoch, built on "
+          f"{min(ds.num_epochs, os.cpu_count() or 1, 8)} threads")
     if mds is not None:
-        print(f"ratio build megatron/ours: CPU {cpu['megatron'] / cpu['ours']:.2f}x, wall {wall['megatron'] / wall['ours']:.2f}x "
-              f"(>1: ours faster; wall time is noisy on shared cores)")
+        print(f"ratio build megatron/ours (>1: ours faster): wall best {wall['megatron'][0] / wall['ours'][0]:.2f}x "
+              f"median {wall['megatron'][1] / wall['ours'][1]:.2f}x; CPU best {cpu['megatron'][0] / cpu['ours'][0]:.2f}x "
+              f"median {cpu['megatron'][1] / cpu['ours'][1]:.2f}x")
+
+    blend_section(a, have_megatron)
 
     print(f"\n== random sample reads ({a.reads:,} samples of {a.seq_len + 1} tokens; CPU time, interleaved) ==")
     idx = [int(i) for i in np.random.default_rng(0).integers(0, a.num_samples, a.reads)]

@@ -8,16 +8,21 @@ sample shuffle[i] of epoch i // n. Nothing depends on how many samples are asked
 are built: the first N samples of a longer order are exactly a shorter order (Megatron's shuffle, drawn once
 over all epochs, changes whenever the epoch count does).
 
-Blend (`build_blend_indices`). With weights w (summing to 1), the i-th sample of dataset k is due at time
-(i + 0.5) / w_k; the global order takes samples by due time (ties: lower k first). Also independent of the
-total: every prefix of n samples holds c_k samples of dataset k with |c_k - n w_k| <= 1/2 + K w_k / 2.
+Epochs are built on up to 8 threads (numpy releases the GIL in its shuffles, takes and sums); the arrays do
+not depend on how many.
+
+Blend (`build_blend_indices`): see `blend.py`. Every prefix of n samples holds c_k samples of dataset k with
+|c_k - n w_k| <= 1 - 1/(2K - 2) < 1, and a shorter blend is a prefix of a longer one.
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
-FORMAT_VERSION = 1  # bump whenever the arrays built here change for the same inputs
+FORMAT_VERSION = 2  # bump whenever the arrays built here change for the same inputs
 
 
 def index_dtype(max_value: int) -> np.dtype:
@@ -69,25 +74,31 @@ def build_gpt_indices(doc_lengths: np.ndarray, lo: int, hi: int, seq_len: int, s
     sample_doc = np.empty(num_epochs * n, pos_dt)
     sample_offset = np.empty(num_epochs * n, off_dt)
     shuffle = np.empty(num_epochs * n, smp_dt)
-    starts = np.arange(n, dtype=np.int64) * seq_len  # token position of each sample in the epoch's stream
     positions = np.arange(num_docs, dtype=pos_dt)
-    # Buffers reused across epochs: fresh multi-MB arrays cost page faults each time.
-    perm, plen, due = (np.empty(num_docs, np.int64) for _ in range(3))
-    ends = np.zeros(num_docs + 1, np.int64)
-    for e in range(num_epochs):
+
+    def epoch(e: int) -> None:
         rng = _epoch_rng(seed, split_id, e)
-        perm[:] = np.arange(num_docs)
-        rng.shuffle(perm)  # what rng.permutation(num_docs) returns, without a new array
-        np.take(lengths, perm, out=plen)
-        np.cumsum(plen, out=ends[1:])
-        # Samples starting inside document position p: ceil(end_p / L) - ceil(end_{p-1} / L), n in all
-        # (float64 is exact below 2^53 tokens); repeating each position that often gives every sample's document.
-        np.minimum(np.ceil(ends[1:] / seq_len), n, out=due, casting="unsafe")
+        perm = np.arange(num_docs)
+        rng.shuffle(perm)  # what rng.permutation(num_docs) returns
+        ends = np.zeros(num_docs + 1, np.int64)
+        np.cumsum(lengths[perm], out=ends[1:])
+        # Samples starting inside document position p: ceil(end_p / L) - ceil(end_{p-1} / L), n in all;
+        # repeating each position that often gives every sample's document.
+        due = ends[1:] + (seq_len - 1)
+        due //= seq_len
+        np.minimum(due, n, out=due)
         pos = np.repeat(positions, np.diff(due, prepend=0))
         np.add(perm, lo, out=doc[e * num_docs:(e + 1) * num_docs], casting="unsafe")
         sample_doc[e * n:(e + 1) * n] = pos
-        np.subtract(starts, ends[pos], out=sample_offset[e * n:(e + 1) * n], casting="unsafe")
+        offset = np.arange(0, n * seq_len, seq_len, dtype=np.int64)  # where each sample starts in the stream
+        offset -= ends[pos]
+        sample_offset[e * n:(e + 1) * n] = offset
         shuffle[e * n:(e + 1) * n] = rng.permutation(n)
+
+    # Each epoch in flight holds ~48 bytes of temporaries a document: at most ~2 GiB of them at once.
+    threads = max(1, min(num_epochs, os.cpu_count() or 1, 8, (2 << 30) // (48 * num_docs)))
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(epoch, range(num_epochs)))
     return {"doc": doc, "sample_doc": sample_doc, "sample_offset": sample_offset, "shuffle": shuffle}
 
 
@@ -98,17 +109,10 @@ def normalize_weights(weights: list[float]) -> np.ndarray:
     return w / w.sum()
 
 
-def blend_counts(weights: np.ndarray, num_samples: int) -> np.ndarray:
-    """Upper bound on how many samples of each dataset a blend of `num_samples` can take."""
-    return np.ceil(weights * num_samples + 1.0).astype(np.int64)
-
-
 def build_blend_indices(weights: np.ndarray, num_samples: int) -> dict[str, np.ndarray]:
     """`dataset` ([N] which dataset) and `sample` ([N] the sample of that dataset) for the first N positions."""
-    caps = blend_counts(weights, num_samples)
-    due = np.concatenate([(np.arange(c, dtype=np.float64) + 0.5) / w for c, w in zip(caps, weights)])
-    which = np.repeat(np.arange(len(weights), dtype=np.int64), caps)
-    local = np.concatenate([np.arange(c, dtype=np.int64) for c in caps])
-    order = np.argsort(due, kind="stable")[:num_samples]
-    return {"dataset": which[order].astype(np.int16 if len(weights) < 2**15 else np.int32),
-            "sample": local[order].astype(index_dtype(int(caps.max())))}
+    from .blend import blend_order  # numba: imported only by the process that builds a blend
+
+    dataset, sample = blend_order(weights, num_samples, np.int16 if len(weights) < 2**15 else np.int32,
+                                  index_dtype(num_samples))
+    return {"dataset": dataset, "sample": sample}
