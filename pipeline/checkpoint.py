@@ -158,6 +158,22 @@ def load_weights_only(ckpt_dir: str, tag: str) -> dict:
     return load_file(os.path.join(ckpt_dir, tag, "model.safetensors"))
 
 
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "decay_style", "steps")
+
+
+def schedule_changes(ckpt_dir: str, tag: str, train_cfg: dict) -> list[str]:
+    """The LR-schedule settings of `train_cfg` that differ from the ones `tag` was trained with ("train.lr a -> b").
+
+    `steps` counts only where it shapes the schedule (a decay that ends at train.steps)."""
+    try:
+        with open(os.path.join(ckpt_dir, tag, "run_config.json")) as f:
+            old = json.load(f).get("train", {})
+    except (OSError, ValueError):
+        return []  # check_compatible reports an unreadable run_config.json
+    keys = [k for k in SCHEDULE_KEYS if k != "steps" or "constant" not in (old.get("decay_style"), train_cfg.get("decay_style"))]
+    return [f"train.{k} {old.get(k)} -> {train_cfg.get(k)}" for k in keys if k in old and old.get(k) != train_cfg.get(k)]
+
+
 def check_compatible(ckpt_dir: str, tag: str, model_cfg: dict, fingerprint: str | None) -> str | None:
     """Why resuming `tag` with this model shape and data would be wrong, or None."""
     try:

@@ -70,6 +70,9 @@ class TrainConfig:
     dist_timeout_s: int = 600
     freeze_layers: int = 0       # freeze the bottom K transformer blocks (and the embeddings) when K > 0
     on_nonfinite: str = "stop"   # stop | skip: what a non-finite loss does (fp16 overflow is always skipped)
+    # Resuming with another LR schedule (lr, min_lr, warmup_steps, decay_style, steps) is refused unless set; then
+    # the schedule of this config applies from the resumed step on (Megatron's --override-opt_param-scheduler).
+    override_lr_schedule: bool = False
 
 
 @dataclass

@@ -184,6 +184,17 @@ class TrainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def set_lr_schedule(self, schedule, peak_lr: float) -> None:
+        """Replace the (restored) schedule: LambdaLR keeps its step count; every group's LR follows `schedule`."""
+        sched = self.scheduler
+        groups = sched.optimizer.param_groups
+        sched.lr_lambdas = [schedule] * len(groups)
+        sched.base_lrs = [peak_lr] * len(groups)
+        for g in groups:
+            g["initial_lr"] = peak_lr
+            g["lr"] = peak_lr * schedule(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
+
     def local_state_dict(self) -> dict:
         """This rank's parameters (its TP shard, its pipeline stage) under our model's names, on CPU.
 

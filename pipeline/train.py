@@ -66,6 +66,12 @@ def prepare(args):
         if problem and not cfg.checkpoint.force:
             raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: {problem} "
                              f"(use a new checkpoint.dir, or checkpoint.force=true)")
+        changes = [] if checkpoint.is_weights_only(cfg.checkpoint.dir, tag) else \
+            checkpoint.schedule_changes(cfg.checkpoint.dir, tag, cfg.to_dict()["train"])
+        if changes and not cfg.train.override_lr_schedule:
+            raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: the LR schedule differs "
+                             f"from the checkpoint's: {', '.join(changes)} (set train.override_lr_schedule=true to "
+                             f"follow this config's schedule from the resumed step, or restore the values)")
     return cfg, docs, tag
 
 
@@ -154,6 +160,11 @@ def run(cfg, docs, tag, stop) -> int:
         step, consumed = state["step"], state["consumed_samples"]
         if rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", tag, step, consumed)
+        if t.override_lr_schedule:
+            engine.set_lr_schedule(LRSchedule(t), t.lr)
+            if rank == 0:
+                log.info("train.override_lr_schedule: this config's LR schedule from step %d on (lr %.3g)", step,
+                         engine.lr())
     if rank == 0:
         os.makedirs(cfg.checkpoint.dir, exist_ok=True)
         tok = docs[0].tokenizer

@@ -259,3 +259,23 @@ def test_blend_order_stays_within_one_sample_for_any_weights():
             np.testing.assert_array_equal(sample[dataset == j], np.arange((dataset == j).sum()))
         worst.append(_share_error(dataset, w) - bound(k))
     assert max(worst) <= 1e-9, max(worst)
+
+
+def test_indices_past_int32_token_counts():
+    """3 * 10^9 tokens in one split (no files): sample starts past 2^31 are exact, dtypes widen only where needed."""
+    from pipeline.data.indices import build_gpt_indices, index_dtype
+
+    lengths = np.random.default_rng(3).integers(1_000_000, 3_000_000, 1500).astype(np.int32)
+    seq_len = 1_000_003
+    ix = build_gpt_indices(lengths, 0, len(lengths), seq_len, seed=5, split_id=0, num_epochs=2)
+    n = (int(lengths.sum(dtype=np.int64)) - 1) // seq_len
+    assert lengths.sum(dtype=np.int64) > 2**31 and len(ix["shuffle"]) == 2 * n
+    for e in range(2):
+        perm = ix["doc"][e * len(lengths):(e + 1) * len(lengths)].astype(np.int64)
+        ends = np.concatenate([[0], np.cumsum(lengths[perm].astype(np.int64))])
+        pos = ix["sample_doc"][e * n:(e + 1) * n].astype(np.int64)
+        starts = ends[pos] + ix["sample_offset"][e * n:(e + 1) * n]
+        np.testing.assert_array_equal(starts, np.arange(n, dtype=np.int64) * seq_len)  # every start exact
+        assert (ix["sample_offset"][e * n:(e + 1) * n] < lengths[perm][pos]).all()
+        assert sorted(ix["shuffle"][e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert ix["sample_offset"].dtype == np.int32 and index_dtype(2**31) == np.int64 and index_dtype(2**31 - 2) == np.int32

@@ -156,3 +156,33 @@ def test_nonfinite_loss_never_overwrites_a_good_checkpoint(tmp_path, token_dir):
     assert err.startswith("error:") and "non-finite" in err and "at step 2" in err, err
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step1"
     assert committed_steps(tmp_path / "ckpt") == [1]
+
+
+def test_changed_lr_schedule_is_refused_unless_overridden(tmp_path, token_dir):
+    """Resuming with another LR or horizon: refused in one line naming the keys; with train.override_lr_schedule
+    the resumed steps follow the new schedule exactly as a fresh run of the new config would at those steps."""
+    def lrs(folder):
+        rows = [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
+        return {r["step"]: r["lr"] for r in rows if "split" not in r}
+
+    cfg = write_config(tmp_path, token_dir, train__steps=4, checkpoint__interval=0, train__global_batch_size=2)
+    assert run_ranks(1, "--config", cfg, log_dir=tmp_path) == [0]
+    old = lrs(tmp_path)
+    new = ["train.steps=8", "train.lr=1e-3"]
+    assert run_ranks(1, "--config", cfg, *new, log_dir=tmp_path) == [2]
+    err = (tmp_path / "rank0.log").read_text().strip().splitlines()[-1]
+    assert err.startswith("error: cannot resume") and "train.lr 0.003 -> 0.001" in err and "train.steps 4 -> 8" in err
+    assert "override_lr_schedule" in err
+    assert run_ranks(1, "--config", cfg, *new, "train.override_lr_schedule=true", log_dir=tmp_path) == [0]
+    resumed = lrs(tmp_path)
+    assert {s: resumed[s] for s in range(1, 5)} == old and set(resumed) == set(range(1, 9))
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    ref = write_config(fresh, token_dir, train__steps=8, train__lr=1e-3, checkpoint__interval=0,
+                       train__global_batch_size=2)
+    assert run_ranks(1, "--config", ref, log_dir=fresh) == [0]
+    expected = lrs(fresh)
+    for s in range(5, 9):
+        assert resumed[s] == pytest.approx(expected[s], rel=1e-12), (s, resumed[s], expected[s])
+    assert resumed[5] != pytest.approx(old[4])  # the schedule did change
