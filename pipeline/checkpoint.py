@@ -108,8 +108,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, run_config: dict, keep: int) -> str:
-    """Save and commit `global_step{step}`; returns the tag. Collective: every rank must call it."""
+def save(engine, ckpt_dir: str, step: int, client_state: dict, run_config: dict, keep: int, sync: bool = True) -> str:
+    """Save and commit `global_step{step}`; returns the tag. Collective: every rank must call it.
+
+    With `sync`, one process per node flushes the node's dirty pages (os.sync: every rank's files, on any
+    filesystem) after all ranks have written and before rank 0 commits."""
     tag = tag_for(step)
     t0 = time.time()
     path = os.path.join(ckpt_dir, tag)
@@ -119,6 +122,12 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, run_config: dict,
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), os.path.join(path, f"rng_rank{dist.rank():05d}.pt"))
     dist.barrier()
+    if sync:
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # without LOCAL_RANK: every rank, to be safe
+            t1 = time.time()
+            os.sync()
+            log.info("flushed checkpoint %s to storage in %.1fs", tag, time.time() - t1)
+        dist.barrier()
     if dist.rank() == 0:
         _write_atomic(os.path.join(path, "run_config.json"), json.dumps(run_config, indent=2))
         files = {os.path.relpath(os.path.join(root, f), path): os.path.getsize(os.path.join(root, f))

@@ -183,7 +183,7 @@ def run(cfg, docs, tag, stop) -> int:
                                      f"checkpoint ({checkpoint.resolve_tag(cfg.checkpoint.dir)})")
         checkpoint.save(engine.engine, cfg.checkpoint.dir, step,
                         {"step": step, "consumed_samples": consumed, "data_fingerprint": fingerprint,
-                         "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep)
+                         "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep, cfg.checkpoint.sync)
 
     eod = (docs[0].tokenizer or {}).get("eod_id")
     if cfg.data.mask_eod_loss and eod is None:

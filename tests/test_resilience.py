@@ -167,6 +167,8 @@ def test_changed_lr_schedule_is_refused_unless_overridden(tmp_path, token_dir):
 
     cfg = write_config(tmp_path, token_dir, train__steps=4, checkpoint__interval=0, train__global_batch_size=2)
     assert run_ranks(1, "--config", cfg, log_dir=tmp_path) == [0]
+    text = (tmp_path / "rank0.log").read_text()  # the files reach storage before the tag is committed
+    assert -1 < text.find("flushed checkpoint global_step4 to storage") < text.find("saved checkpoint")
     old = lrs(tmp_path)
     new = ["train.steps=8", "train.lr=1e-3"]
     assert run_ranks(1, "--config", cfg, *new, log_dir=tmp_path) == [2]
