@@ -34,8 +34,8 @@ def build_optimizer(model, t):
 
     decay, no_decay = [], []
     for p in {id(p): p for p in model.parameters()}.values():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
+        if p.requires_grad:  # ZeRO-3 partitioned parameters keep their full shape in ds_shape
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(t))
@@ -67,6 +67,44 @@ def freeze_layers(model, k: int) -> None:
     frozen = [model.embed_tokens] + ([model.embed_positions] if hasattr(model, "embed_positions") else [])
     for m in frozen + list(model.layers[:k]):
         m.requires_grad_(False)
+
+
+def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: str) -> None:
+    """ZeRO-3: allocate the (meta) model one block at a time and partition each block before the next.
+
+    A rank's peak memory is then its ZeRO-3 shard of the whole model plus one full block, not its whole TP
+    shard (what DeepSpeed would otherwise allocate before partitioning; zero.Init's role, with our per-name
+    init). DeepSpeed's engine finds every parameter already partitioned, exactly as it would have made it: same
+    dtype, same data-parallel group, same offload settings."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch import nn
+
+    from .parallel.tp import materialize
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    offload = ds_config.get("zero_optimization", {}).get("offload_param") or {}
+    remote = offload.get("device") if offload.get("device") not in (None, "none") else None
+    parts = []
+    for name, child in model.named_children():  # embeddings, each block, final norm, head: in model order
+        if isinstance(child, nn.ModuleList):
+            parts += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+        else:
+            parts.append((name, child))
+    parts.append(("", model))  # whatever is left (a root parameter): nothing today
+    for prefix, part in parts:
+        materialize(model, part, prefix)
+        for prm in part.parameters():
+            if not hasattr(prm, "ds_id") and prm.dtype != dtype and prm.is_floating_point():
+                prm.data = prm.data.to(dtype)
+        deepspeed.zero.Init(module=part, data_parallel_group=dp_group, dtype=dtype, config_dict_or_path=ds_config,
+                            remote_device=remote, pin_memory=bool(offload.get("pin_memory", False)), mpu=mpu)
+    # The engine moves nothing of a partitioned model: the buffers (rope tables) go to the device here.
+    device = torch.device(get_accelerator().current_device_name())
+    for m in model.modules():
+        for k, b in m._buffers.items():
+            if b is not None and b.device != device:
+                m._buffers[k] = b.to(device)
 
 
 class TrainEngine:
@@ -112,11 +150,15 @@ class TrainEngine:
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                                         lr_scheduler=self.scheduler, config=ds_config)
         else:
-            materialize(model)
+            mpu = self.state if p.tp > 1 else None
+            if p.zero_stage == 3:
+                materialize_partitioned(model, ds_config, self.state.dp_group if mpu else None, mpu, cfg.train.precision)
+            else:
+                materialize(model)
             model.init_source = None
             optimizer, self.scheduler = build_optimizer(model, cfg.train)
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
-                                                        config=ds_config, mpu=self.state if p.tp > 1 else None)
+                                                        config=ds_config, mpu=mpu)
         self.device = self.engine.device
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

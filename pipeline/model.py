@@ -43,9 +43,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x, cos, sin):
+    """The tables are fp32 buffers; in bf16/fp16 runs they are rounded to x's dtype first (as transformers does),
+    so q and k keep v's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Attention(nn.Module):

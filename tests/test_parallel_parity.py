@@ -132,6 +132,16 @@ def test_init_state_dict_and_frozen_layers(results):
     assert all(not torch.equal(got["after"][n], got["before"][n]) for n in trained)
 
 
+def test_zero3_partitioned_as_built_equals_partitioned_after(results):
+    """tp2+ZeRO-3 in bf16: blocks partitioned one at a time as they are allocated (engine.materialize_partitioned,
+    what bounds start-up memory) train exactly as the whole model allocated, then partitioned by DeepSpeed."""
+    got = torch.load(results / "zero3_both_ways.pt")
+    assert got["ours"]["losses"] == got["plain"]["losses"] and all(x == x for x in got["ours"]["losses"])
+    assert got["ours"]["dtype"] == got["plain"]["dtype"] == torch.bfloat16
+    for name, want in got["plain"]["params"].items():
+        assert torch.equal(got["ours"]["params"][name], want), name
+
+
 # ---- the worker: torchrun --nproc_per_node W tests/test_parallel_parity.py OUT ----
 
 def _vocab_probe(engine, out: str):
@@ -195,6 +205,28 @@ def _init_freeze(out: str):
         torch.save({"init": init, "before": before, "after": after}, os.path.join(out, "init_freeze.pt"))
 
 
+def _zero3_both_ways(out: str) -> None:
+    import gc
+
+    import pipeline.engine as engine_mod
+    from pipeline.parallel.tp import materialize
+
+    results, ours = {}, engine_mod.materialize_partitioned
+    for way in ("ours", "plain"):
+        engine_mod.materialize_partitioned = ours if way == "ours" else (lambda model, *a, **k: materialize(model))
+        cfg = run_config("llama", 2, 1, 3)
+        cfg.train.precision = "bf16"
+        engine = engine_mod.build_engine(cfg)
+        losses = [engine.train_step(global_batch(s)[engine.dp_rank * 8:(engine.dp_rank + 1) * 8]) for s in range(3)]
+        dtype = next(engine.engine.module.parameters()).dtype
+        results[way] = {"losses": losses, "params": engine.full_state_dict(), "dtype": dtype}
+        del engine
+        gc.collect()
+    engine_mod.materialize_partitioned = ours
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, os.path.join(out, "zero3_both_ways.pt"))
+
+
 def _worker(out: str) -> None:
     import gc
 
@@ -226,6 +258,7 @@ def _worker(out: str) -> None:
         _vocab_ce(engine.state, out)
         del engine
         _init_freeze(out)
+        _zero3_both_ways(out)
     dist.exit_cleanly(0)
 
 
