@@ -108,11 +108,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def flush_filesystem(path: str) -> None:
+    """Write back every dirty page of the filesystem holding `path` (Linux syncfs), else of all (os.sync)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) != 0:
+                raise OSError(ctypes.get_errno(), "syncfs failed")
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        os.sync()
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, run_config: dict, keep: int, sync: bool = True) -> str:
     """Save and commit `global_step{step}`; returns the tag. Collective: every rank must call it.
 
-    With `sync`, one process per node flushes the node's dirty pages (os.sync: every rank's files, on any
-    filesystem) after all ranks have written and before rank 0 commits."""
+    With `sync`, one process per node flushes the node's dirty pages on the checkpoint's filesystem (syncfs:
+    every local rank's files) after all ranks have written and before rank 0 commits."""
     tag = tag_for(step)
     t0 = time.time()
     path = os.path.join(ckpt_dir, tag)
@@ -125,7 +141,7 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, run_config: dict,
     if sync:
         if os.environ.get("LOCAL_RANK", "0") == "0":  # without LOCAL_RANK: every rank, to be safe
             t1 = time.time()
-            os.sync()
+            flush_filesystem(path)
             log.info("flushed checkpoint %s to storage in %.1fs", tag, time.time() - t1)
         dist.barrier()
     if dist.rank() == 0:

@@ -81,8 +81,8 @@ class CheckpointConfig:
     interval: int = 0  # 0 = only at the end (and on signal)
     keep: int = 3
     save_on_signal: bool = True
-    # Flush every node's checkpoint files to storage (os.sync) before the commit marker: a power loss after the
-    # commit cannot leave a "committed" tag with unwritten data. Off only where sync is too slow.
+    # Flush every node's checkpoint files to storage (syncfs) before the commit marker: a power loss after the
+    # commit cannot leave a "committed" tag with unwritten data. Saves on SIGUSR1/SIGTERM skip it (grace period).
     sync: bool = True
     force: bool = False  # resume even if the model shape or the data fingerprint differs from the checkpoint's
 

@@ -78,6 +78,7 @@ def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: st
     dtype, same data-parallel group, same offload settings."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.utils import is_zero_param
     from torch import nn
 
     from .parallel.tp import materialize
@@ -92,13 +93,21 @@ def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: st
         else:
             parts.append((name, child))
     parts.append(("", model))  # whatever is left (a root parameter): nothing today
+    first = None  # one Init for the whole model (hpZ groups, NVMe swappers: made once), as DeepSpeed's engine does
     for prefix, part in parts:
         materialize(model, part, prefix)
-        for prm in part.parameters():
-            if not hasattr(prm, "ds_id") and prm.dtype != dtype and prm.is_floating_point():
+        fresh = [prm for prm in part.parameters() if not is_zero_param(prm)]
+        for prm in fresh:
+            if prm.dtype != dtype and prm.is_floating_point():
                 prm.data = prm.data.to(dtype)
-        deepspeed.zero.Init(module=part, data_parallel_group=dp_group, dtype=dtype, config_dict_or_path=ds_config,
-                            remote_device=remote, pin_memory=bool(offload.get("pin_memory", False)), mpu=mpu)
+        if not fresh:
+            continue
+        if first is None:
+            deepspeed.zero.Init(module=part, data_parallel_group=dp_group, dtype=dtype, config_dict_or_path=ds_config,
+                                remote_device=remote, pin_memory=bool(offload.get("pin_memory", False)), mpu=mpu)
+            first = fresh[0]
+        else:
+            first.convert_to_zero_parameters(param_list=fresh)
     # The engine moves nothing of a partitioned model: the buffers (rope tables) go to the device here.
     device = torch.device(get_accelerator().current_device_name())
     for m in model.modules():

@@ -177,13 +177,13 @@ def run(cfg, docs, tag, stop) -> int:
     fpt = flops_per_token(cfg.model)
     peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
-    def save():
+    def save(sync: bool = cfg.checkpoint.sync):
         if not engine.weights_finite():  # a finite loss can still be followed by a non-finite update
             raise FloatingPointError(f"non-finite weights after step {step}; not saving over the last good "
                                      f"checkpoint ({checkpoint.resolve_tag(cfg.checkpoint.dir)})")
         checkpoint.save(engine.engine, cfg.checkpoint.dir, step,
                         {"step": step, "consumed_samples": consumed, "data_fingerprint": fingerprint,
-                         "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep, cfg.checkpoint.sync)
+                         "config": cfg.to_dict()}, cfg.to_dict(), cfg.checkpoint.keep, sync)
 
     eod = (docs[0].tokenizer or {}).get("eod_id")
     if cfg.data.mask_eod_loss and eod is None:
@@ -230,7 +230,7 @@ def run(cfg, docs, tag, stop) -> int:
         if valid_ds is not None and t.eval_interval > 0 and step % t.eval_interval == 0:
             evaluate()
         if stop is not None and stop.agreed():
-            save()
+            save(sync=False)  # inside the grace period: commit now; the live node writes its pages back anyway
             code = EXIT_REQUEUE
             if rank == 0:
                 log.info("stopped by signal at step %d; checkpoint committed, exiting with %d", step, code)

@@ -233,7 +233,7 @@ def _reference_order(w, n):
     d = 0.0 if len(w) == 1 else 1 - 1 / (2 * len(w) - 2)
     counts, order = [0] * len(w), []
     for t in range(1, n + 1):
-        allowed = [k for k in range(len(w)) if counts[k] + 1 - d <= t * w[k] * (1 + 1e-12)]
+        allowed = [k for k in range(len(w)) if counts[k] + 1 - d <= t * w[k] * (1 + 2**-50)]
         k = min(allowed, key=lambda k: ((counts[k] + d) / w[k], k))
         order.append(k)
         counts[k] += 1

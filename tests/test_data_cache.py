@@ -101,16 +101,16 @@ def test_retokenized_data_never_reuses_stale_indices(tmp_path, manifest):
     assert len(markers) == 2
 
 
-@pytest.mark.parametrize("damage", ["short", "zero-filled", "missing"])
+@pytest.mark.parametrize("damage", ["short", "empty", "zero-filled", "missing"])
 def test_a_torn_cache_file_is_rebuilt(tmp_path, damage):
-    """What a machine crash can leave of files written without fsync: each is noticed on load and rebuilt."""
+    """What a crash or a stray write can leave of a cache file: each is noticed on load and rebuilt."""
     path = write_tokens(tmp_path / "d", random_lengths(80, 9))
     cfg = make_cfg(tmp_path, [{"path": path, "weight": 1}], steps=10)
     before, _ = build(cfg)
     expected = np.stack([before[i] for i in range(len(before))])
     victim = tmp_path / "cache" / [f for f in os.listdir(tmp_path / "cache") if f.endswith("-shuffle.npy")][0]
-    if damage == "short":
-        os.truncate(victim, 100)
+    if damage in ("short", "empty"):
+        os.truncate(victim, 100 if damage == "short" else 0)
     elif damage == "zero-filled":  # same size, a valid header, the data blocks never written
         header = len(victim.read_bytes()) - before.index["shuffle"].nbytes
         with open(victim, "r+b") as f:

@@ -27,7 +27,7 @@ def bound(num_datasets: int) -> float:
 @numba.njit(cache=True, nogil=True)
 def _fill(weights, d, dataset, sample):  # pragma: no cover - compiled
     K = weights.shape[0]
-    slack = 1.0 + 1e-12  # a hair of slack for rounding in "allowed"
+    slack = 1.0 + 2.0**-50  # a few ulps of slack for rounding in "allowed"
     counts = np.zeros(K, np.int64)
     due = np.empty(K)  # (c + d) / w: when dataset k falls more than d behind without its next sample
     allowed = np.empty(K)  # (c + 1 - d) / w: from which position its next sample keeps it within d ahead

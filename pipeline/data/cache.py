@@ -8,9 +8,9 @@ Protocol (needs no process group, works across jobs and across nodes):
 - Where locks do not work (some network filesystems), or folders are not shared (per-node caches), more than
   one process may build; the arrays are a deterministic function of the key, so whichever rename lands last
   leaves the same bytes, and every reader still sees a complete set.
-- Nothing is fsynced (the cache can always be rebuilt): after a machine crash a file may come back short,
-  missing or zero-filled, so the marker records each array's dtype, shape and a digest of 64 of its elements,
-  checked on every load; any mismatch rebuilds.
+- Arrays are fsynced (all at once, on threads) before they are renamed and the marker is written. The marker
+  also records each array's dtype, shape and a digest of 64 of its elements, checked on every load: a file
+  that is short, empty, missing or changed is rebuilt.
 """
 from __future__ import annotations
 
@@ -24,11 +24,15 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 
 log = logging.getLogger("pipeline.data")
+
+
+RANDOM_ACCESS = {"doc", "sample_doc", "sample_offset", "table"}  # the others are read in order
 
 
 def cache_key(description: dict) -> str:
@@ -39,15 +43,28 @@ def _tmp_name(path: str) -> str:
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _write_atomic(path: str, write: Callable) -> None:
-    tmp = _tmp_name(path)
+def _write_atomic(items: dict[str, Callable]) -> None:
+    """Write each `path: write(f)` under a temporary name, fsync them all at once (threads), then rename each."""
+    tmps = {path: _tmp_name(path) for path in items}
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
+        for path, write in items.items():
+            with open(tmps[path], "wb") as f:
+                write(f)
+
+        def sync(tmp: str) -> None:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        with ThreadPoolExecutor(min(8, len(tmps))) as pool:
+            list(pool.map(sync, tmps.values()))
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def _probe(a: np.ndarray) -> str:
@@ -83,10 +100,10 @@ def _load(base: str, description: dict) -> dict[str, np.ndarray] | None:
     for name, (dtype, shape, probe) in meta["arrays"].items():
         try:
             a = np.load(f"{base}-{name}.npy", mmap_mode="r")
-        except (FileNotFoundError, ValueError):
+        except (OSError, EOFError, ValueError):  # missing, unreadable, empty, short
             return None
-        if getattr(a, "_mmap", None) is not None and hasattr(mmap, "MADV_RANDOM"):
-            a._mmap.madvise(mmap.MADV_RANDOM)  # lookups are random: no readahead (the probe reads 64 pages, not all)
+        if name in RANDOM_ACCESS and getattr(a, "_mmap", None) is not None and hasattr(mmap, "MADV_RANDOM"):
+            a._mmap.madvise(mmap.MADV_RANDOM)  # looked up at random: readahead would read the whole file
         if a.dtype != np.dtype(dtype) or list(a.shape) != shape or _probe(a) != probe:
             return None
         arrays[name] = a
@@ -114,12 +131,12 @@ def load_or_build(cache_dir: str, name: str, description: dict,
             return arrays
         t0 = time.time()
         built = build()
-        for key, a in built.items():
-            _write_atomic(f"{base}-{key}.npy", lambda f, a=a: np.save(f, np.ascontiguousarray(a)))
+        _write_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a))
+                       for key, a in built.items()})
         meta = {"description": description, "built_by": f"{socket.gethostname()}:{os.getpid()}",
                 "build_seconds": round(time.time() - t0, 3),
                 "arrays": {k: [a.dtype.str, list(a.shape), _probe(a)] for k, a in built.items()}}
-        _write_atomic(base + ".json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # the commit
+        _write_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
         log.info("built %s index %s in %.2fs", name, base, time.time() - t0)
     arrays = _load(base, description)
     if arrays is None:

@@ -95,8 +95,9 @@ def build_gpt_indices(doc_lengths: np.ndarray, lo: int, hi: int, seq_len: int, s
         sample_offset[e * n:(e + 1) * n] = offset
         shuffle[e * n:(e + 1) * n] = rng.permutation(n)
 
-    # Each epoch in flight holds ~48 bytes of temporaries a document: at most ~2 GiB of them at once.
-    threads = max(1, min(num_epochs, os.cpu_count() or 1, 8, (2 << 30) // (48 * num_docs)))
+    # Each epoch in flight holds ~48 bytes of temporaries a document and ~32 a sample: at most ~2 GiB at once.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(num_epochs, cpus, 8, (2 << 30) // (48 * num_docs + 32 * n)))
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(epoch, range(num_epochs)))
     return {"doc": doc, "sample_doc": sample_doc, "sample_offset": sample_offset, "shuffle": shuffle}
