@@ -8,7 +8,9 @@ import numpy as np
 
 from . import indices as ix
 from .cache import load_or_build
-from .documents import TokenDocuments, check_same_tokenizer
+from .documents import SHARD_SHIFT, TokenDocuments, check_same_tokenizer
+
+TOKEN_MASK = (1 << SHARD_SHIFT) - 1
 
 
 class GPTDataset:
@@ -72,7 +74,8 @@ class GPTDataset:
         filled, look = 0, 4
         while filled < need:
             ids = self._doc[pos:pos + look]
-            for start, length, shard in table[ids].tolist():
+            for packed, length in table[ids].tolist():
+                shard, start = packed >> SHARD_SHIFT, packed & TOKEN_MASK
                 take = min(length - offset, need - filled)
                 if take > 0:
                     out[filled:filled + take] = tokens[shard][start + offset:start + offset + take]
@@ -91,7 +94,8 @@ class GPTDataset:
         pos = e * self.num_docs + int(self._sample_doc[row])
         offset, need, pieces = int(self._sample_offset[row]), self.seq_len + 1, []
         while need > 0:
-            start, length, shard = self._table[int(self._doc[pos])].tolist()
+            packed, length = self._table[int(self._doc[pos])].tolist()
+            shard, start = packed >> SHARD_SHIFT, packed & TOKEN_MASK
             take = min(length - offset, need)
             if take > 0:
                 pieces.append((shard, start + offset, take))

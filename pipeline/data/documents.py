@@ -13,6 +13,8 @@ import numpy as np
 
 from preprocess.indexed import IndexedDataset
 
+SHARD_SHIFT = 40  # doc_table packs a shard number (< 2^23) above a token position within it (< 2^40)
+
 
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, "manifest.json")
@@ -71,13 +73,18 @@ class TokenDocuments:
         self._fingerprint = None
 
     def doc_table(self) -> np.ndarray:
-        """int64 [documents, 3]: (first token within its shard, length, shard) of every document."""
-        table = np.empty((len(self), 3), dtype=np.int64)
+        """int64 [documents, 2]: ((shard << SHARD_SHIFT) | first token within that shard, length) of every document.
+
+        16 bytes a document, cached once per dataset and memory-mapped; one lookup gives a sample's pieces."""
+        table = np.empty((len(self), 2), dtype=np.int64)
         for k, s in enumerate(self.shards):
+            if s.num_tokens >= 1 << SHARD_SHIFT:
+                raise ValueError(f"{s.prefix}.bin: {s.num_tokens} tokens, more than 2^{SHARD_SHIFT} in one shard")
             rows = table[self.shard_starts[k]:self.shard_starts[k + 1]]
-            np.right_shift(s.pointers, int(s.dtype.itemsize).bit_length() - 1, out=rows[:, 0])  # bytes → tokens
+            np.right_shift(s.pointers, int(s.dtype.itemsize).bit_length() - 1, out=rows[:, 0])  # bytes -> tokens
+            if k:
+                rows[:, 0] |= k << SHARD_SHIFT
             rows[:, 1] = s.sizes
-            rows[:, 2] = k
         return table
 
     def __len__(self) -> int:

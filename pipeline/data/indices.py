@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
-FORMAT_VERSION = 2  # bump whenever the arrays built here change for the same inputs
+FORMAT_VERSION = 3  # bump whenever the arrays built here change for the same inputs
 
 
 def index_dtype(max_value: int) -> np.dtype:
