@@ -1,6 +1,6 @@
 """Exact resume in every kind of layout: a run saved at step N/2 and resumed in a fresh job gives, bit for bit,
 the losses of the straight run for steps N/2+1..N (2 real DeepSpeed processes each, CPU; fp32, and bf16 with
-ZeRO-3 offloading parameters and optimizer state)."""
+ZeRO-3 offloading parameters and optimizer state, with pipeline stages, with tensor parallelism)."""
 import json
 import shutil
 
@@ -15,6 +15,8 @@ LAYOUTS = [  # (name, arch, parallel section, train section overrides)
     ("pp2-zero1", "gpt", {"pp": 2, "zero_stage": 1}, {}),
     ("dp2-zero3-offload-bf16", "llama", {"zero_stage": 3, "offload_params": True, "offload_optimizer": True},
      {"precision": "bf16"}),
+    ("pp2-zero1-bf16", "llama", {"pp": 2, "zero_stage": 1}, {"precision": "bf16"}),
+    ("tp2-zero1-bf16", "gpt", {"tp": 2, "zero_stage": 1}, {"precision": "bf16"}),
 ]
 
 
