@@ -252,6 +252,11 @@ class TrainEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def step_applied(self) -> bool:
+        """False when DeepSpeed skipped the last optimizer step (an fp16 loss-scale overflow)."""
+        applied = getattr(self.engine, "was_step_applied", None)
+        return bool(applied()) if applied is not None else True
+
     def set_lr_schedule(self, schedule, peak_lr: float) -> None:
         """Replace the (restored) schedule: LambdaLR keeps its step count; every group's LR follows `schedule`."""
         sched = self.scheduler

@@ -7,8 +7,10 @@ import os
 
 log = logging.getLogger("pipeline")
 
-# Dense bf16 peak TFLOPs per GPU, for MFU. `log.peak_tflops` overrides.
-PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0}
+# Dense bf16 peak TFLOPs per GPU, for MFU (of every run, whatever its precision). First match in
+# torch.cuda.get_device_name() wins, so the PCIe/NVL parts come before their SXM namesakes. `log.peak_tflops` overrides.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "A100": 312.0, "H100": 989.0,
+               "H200": 989.0, "B200": 2250.0}
 
 
 def peak_tflops(device_name: str | None) -> float | None:

@@ -103,6 +103,18 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def nonfinite_action(loss: float, grad_norm: float | None, precision: str, on_nonfinite: str,
+                     step_applied: bool) -> str:
+    """What a step's outcome means: "ok"; "overflow" (fp16: finite loss, the loss scaler skipped the update, as
+    it routinely does while it searches for its scale); "skip" (non-finite loss, train.on_nonfinite=skip); "stop"."""
+    finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+    if precision == "fp16" and math.isfinite(loss) and (not finite or not step_applied):
+        return "overflow"
+    if finite:
+        return "ok"
+    return "skip" if on_nonfinite == "skip" else "stop"
+
+
 class StopFlag:
     """Set by SIGUSR1/SIGTERM; agreed across ranks each step so that all stop at the same step."""
 
@@ -114,11 +126,12 @@ class StopFlag:
     def _handler(self, signum, frame):
         self.raised = True
 
-    def agreed(self) -> bool:
+    def agreed(self, device=None) -> bool:
+        """Collective. `device`: the engine's (NCCL reduces CUDA tensors only)."""
         import torch
         import torch.distributed as tdist
 
-        flag = torch.tensor([1.0 if self.raised else 0.0])
+        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
         if tdist.is_initialized():
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return bool(flag.item())
@@ -199,16 +212,21 @@ def run(cfg, docs, tag, stop) -> int:
         loss = sum(losses) / len(losses)
         metrics.write({"split": "valid", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50))})
 
-    t_last, code = time.time(), 0
+    step_time, code = 0.0, 0
     while step < t.steps:
+        t_step = time.time()
         loss = engine.train_step(*batch(train_ds, step))
         grad_norm = engine.grad_norm()
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
-        if not finite and t.on_nonfinite == "skip":
-            # fp16 only (validated): DeepSpeed's loss scaler has already skipped this update.
+        step_time += time.time() - t_step
+        action = nonfinite_action(loss, grad_norm, t.precision, t.on_nonfinite, engine.step_applied())
+        if action == "overflow":
+            if rank == 0:
+                log.info("step %d: fp16 gradients overflowed; the loss scaler skipped the update and lowered the "
+                         "scale", step + 1)
+        elif action == "skip":
             if rank == 0:
                 log.warning("non-finite loss or gradients at step %d: update skipped by the fp16 loss scaler", step + 1)
-        elif not finite:
+        elif action == "stop":
             # DeepSpeed skips an update with non-finite gradients, but the run has diverged: stop before anything
             # more is saved, so the last committed checkpoint stays the last good one.
             raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step + 1}; "
@@ -217,9 +235,9 @@ def run(cfg, docs, tag, stop) -> int:
         step += 1
         consumed += t.global_batch_size
         if step % cfg.log.interval == 0 or step == t.steps:
-            now = time.time()
-            elapsed = (now - t_last) / (cfg.log.interval if step % cfg.log.interval == 0 else 1)
-            t_last = now
+            # train steps only: evaluations and checkpoints between two log lines do not count
+            elapsed = step_time / (cfg.log.interval if step % cfg.log.interval == 0 else 1)
+            step_time = 0.0
             tps = tokens_per_step / elapsed
             tflops = fpt * tps / world / 1e12
             metrics.write({"step": step, "loss": loss, "lr": engine.lr(), "grad_norm": grad_norm,
@@ -229,7 +247,7 @@ def run(cfg, docs, tag, stop) -> int:
                            "mem_mb": peak_memory_mb()})
         if valid_ds is not None and t.eval_interval > 0 and step % t.eval_interval == 0:
             evaluate()
-        if stop is not None and stop.agreed():
+        if stop is not None and stop.agreed(engine.device):
             save(sync=False)  # inside the grace period: commit now; the live node writes its pages back anyway
             code = EXIT_REQUEUE
             if rank == 0:

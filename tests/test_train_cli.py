@@ -43,3 +43,29 @@ def test_overrides_parse_lists_and_scalars(tmp_path):
 def test_zero3_with_pipeline_refused():
     with pytest.raises(ValueError, match="pipeline"):
         load_config("configs/tiny.yaml", ["parallel.pp=2", "parallel.zero_stage=3"])
+
+
+@pytest.mark.parametrize("loss,grad_norm,precision,on_nonfinite,applied,expected", [
+    (2.0, 1.0, "fp32", "stop", True, "ok"),
+    (2.0, float("inf"), "fp32", "stop", False, "stop"),  # fp32: DeepSpeed skipped it silently; the run diverged
+    (float("nan"), 1.0, "bf16", "stop", True, "stop"),
+    (2.0, float("inf"), "fp16", "stop", False, "overflow"),  # routine for the loss scaler: never a stop
+    (2.0, 1.0, "fp16", "stop", False, "overflow"),
+    (2.0, 1.0, "fp16", "stop", True, "ok"),
+    (float("nan"), float("nan"), "fp16", "skip", False, "skip"),
+    (float("nan"), float("nan"), "fp16", "stop", False, "stop"),
+])
+def test_nonfinite_action(loss, grad_norm, precision, on_nonfinite, applied, expected):
+    from pipeline.train import nonfinite_action
+
+    assert nonfinite_action(loss, grad_norm, precision, on_nonfinite, applied) == expected
+
+
+def test_mfu_peaks_tell_pcie_and_nvl_parts_apart():
+    from pipeline.metrics import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090") is None
