@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,8 @@ import torch
 
 from .config import RunConfig
 from .convert_read import WEIGHTS_FILE, WEIGHTS_ONLY, open_checkpoint, read_weights_only  # noqa: F401 (API)
+
+log = logging.getLogger("pipeline.convert")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
@@ -162,7 +165,11 @@ def to_hf(ckpt_dir: str, out: str, tag: str | None = None, dtype: str = "fp32", 
 
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    sd, cfg, tag, _ = open_checkpoint(ckpt_dir, tag)
+    sd, cfg, tag, layout = open_checkpoint(ckpt_dir, tag)
+    if layout in ("zero0-2", "pipeline") and cfg.train.precision in ("bf16", "fp16") and dtype == "fp32":
+        log.warning("%s: a %s run in layout %s keeps fp32 master weights only inside its optimizer state; the "
+                    "export holds its %s module weights widened to fp32", os.path.join(ckpt_dir, tag),
+                    cfg.train.precision, layout, cfg.train.precision)
     m = cfg.model
     plan = to_hf_plan(m)
     missing = sorted({n for names, _ in plan.values() for n in names} - set(sd.keys()))
