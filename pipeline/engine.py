@@ -189,10 +189,9 @@ class TrainEngine:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy; vocab-parallel (never the full logits) when tp > 1. Labels of IGNORE are masked
-        out (data.mask_eod_loss), so the mask travels with the labels through every layout, pipelines included."""
-        mask = None
-        if (labels == IGNORE).any():
-            mask, labels = labels != IGNORE, labels.clamp(min=0)
+        out (data.mask_eod_loss), so the mask travels with the labels through every layout, pipelines included.
+        Always masked (a mask of ones gives the mean): testing for IGNORE would sync the host with the GPU."""
+        mask, labels = labels != IGNORE, labels.clamp(min=0)
         if self.state.tp == 1:
             return lm_loss(logits, labels, mask)
         from .parallel.layers import vocab_parallel_cross_entropy
