@@ -183,6 +183,33 @@ def load_weights_only(ckpt_dir: str, tag: str) -> dict:
     return load_file(os.path.join(ckpt_dir, tag, "model.safetensors"))
 
 
+def layout_change(ckpt_dir: str, tag: str, parallel_cfg: dict, world_size: int) -> str | None:
+    """Why DeepSpeed could not load `tag` into this layout (tensor/pipeline/data-parallel sizes, ZeRO stage), or
+    None. Universal checkpoints (`convert reshape`) and weights-only tags load into any layout; ZeRO-0 state is
+    not partitioned across data-parallel ranks."""
+    path = os.path.join(ckpt_dir, tag)
+    if is_weights_only(ckpt_dir, tag) or os.path.isfile(os.path.join(path, "UNIVERSAL")):
+        return None
+    try:
+        with open(os.path.join(path, "run_config.json")) as f:
+            old = json.load(f).get("parallel", {})
+        old_world = int(marker(ckpt_dir, tag)["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an older or unreadable tag: check_compatible and DeepSpeed speak for it
+
+    def sizes(p: dict, world: int) -> dict:
+        tp, pp = int(p.get("tp", 1)), int(p.get("pp", 1))
+        return {"tp": tp, "pp": pp, "dp": world // (tp * pp), "zero_stage": int(p.get("zero_stage", 0))}
+    a, b = sizes(old, old_world), sizes(parallel_cfg, world_size)
+    keys = ["tp", "pp", "zero_stage"] + (["dp"] if b["zero_stage"] > 0 else [])
+    diff = [f"{k} {a[k]} -> {b[k]}" for k in keys if a[k] != b[k]]
+    if not diff:
+        return None
+    return (f"it was saved in another layout ({', '.join(diff)}), which DeepSpeed cannot load directly; convert it: "
+            f"python -m pipeline.convert reshape {ckpt_dir} OUT --tp {b['tp']} --pp {b['pp']}, then run with "
+            f"checkpoint.dir=OUT parallel.deepspeed_config=OUT/ds_universal.json")
+
+
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "decay_style", "steps")
 
 

@@ -66,6 +66,9 @@ def prepare(args):
         if problem and not cfg.checkpoint.force:
             raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: {problem} "
                              f"(use a new checkpoint.dir, or checkpoint.force=true)")
+        moved = checkpoint.layout_change(cfg.checkpoint.dir, tag, cfg.to_dict()["parallel"], world_size_from_env())
+        if moved:
+            raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: {moved}")
         changes = [] if checkpoint.is_weights_only(cfg.checkpoint.dir, tag) else \
             checkpoint.schedule_changes(cfg.checkpoint.dir, tag, cfg.to_dict()["train"])
         if changes and not cfg.train.override_lr_schedule:

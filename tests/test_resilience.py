@@ -188,3 +188,31 @@ def test_changed_lr_schedule_is_refused_unless_overridden(tmp_path, token_dir):
     for s in range(5, 9):
         assert resumed[s] == pytest.approx(expected[s], rel=1e-12), (s, resumed[s], expected[s])
     assert resumed[5] != pytest.approx(old[4])  # the schedule did change
+
+
+def test_resume_at_another_data_parallel_size(tmp_path, token_dir):
+    """A ZeRO-3 job saved at dp 2 and restarted on 1 process: refused in one line that says how to convert; after
+    `convert reshape` it resumes, and steps 3-4 see the same samples as the dp-2 run (losses equal but for the
+    order of the gradient sums)."""
+    import shutil
+
+    from tests.conftest import run_cli
+
+    cfg = write_config(tmp_path, token_dir, train__steps=4, checkpoint__interval=2)
+    assert run_ranks(2, "--config", cfg, log_dir=tmp_path) == [0, 0]
+    reference = dict(losses(tmp_path))
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "ckpt" / "global_step2", moved / "global_step2")
+    (moved / "latest").write_text("global_step2")
+    (tmp_path / "log.jsonl").unlink()
+    assert run_ranks(1, "--config", cfg, f"checkpoint.dir={moved}", log_dir=tmp_path) == [2]
+    err = (tmp_path / "rank0.log").read_text().strip().splitlines()[-1]
+    assert err.startswith("error: cannot resume") and "dp 2 -> 1" in err and "convert reshape" in err, err
+    out = tmp_path / "universal"
+    run_cli("-m", "pipeline.convert", "reshape", str(moved), str(out), "--tp", "1", "--pp", "1")
+    assert run_ranks(1, "--config", cfg, f"checkpoint.dir={out}",
+                     f"parallel.deepspeed_config={out / 'ds_universal.json'}", log_dir=tmp_path) == [0]
+    resumed = dict(losses(tmp_path))
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), (step, resumed[step], reference[step])
