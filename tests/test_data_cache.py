@@ -50,17 +50,46 @@ def _race(path, caches, no_locks=False):
             [err for _, err, _ in results])
 
 
-def test_two_processes_racing_on_one_cache_build_once(tmp_path):
+def test_four_processes_racing_on_one_cache_build_once(tmp_path):
     path = write_tokens(tmp_path / "d", random_lengths(4000, 5, 3, 200))
     cache = str(tmp_path / "cache")
-    digests, builds, _ = _race(path, [cache, cache])
-    assert digests[0] == digests[1]
-    assert sorted(builds) == [0, 1]  # one built, the other waited and mapped its files
+    digests, builds, _ = _race(path, [cache] * 4)
+    assert len(set(digests)) == 1
+    assert sorted(builds) == [0, 0, 0, 1]  # one built, the others waited and mapped its files
     assert not [f for f in os.listdir(cache) if ".tmp-" in f]
     expected = GPTDataset(TokenDocuments(path), 16, 200_000, seed=3, split="100,0,0")  # no cache at all
     import hashlib
 
     assert digests[0] == hashlib.sha256(np.stack([expected[i] for i in range(0, 200_000, 997)]).tobytes()).hexdigest()
+
+
+# Builds a tiny cache entry with load_or_build; "die" makes the build hang 3 s and kill the process.
+BUILDER = """
+import os, sys, time, logging
+import numpy as np
+from pipeline.data.cache import load_or_build
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+cache, mode = sys.argv[1], sys.argv[2]
+def build():
+    if mode == "die":
+        time.sleep(3)
+        os._exit(9)
+    return {"x": np.arange(1000)}
+print(int(load_or_build(cache, "t", {"k": 1}, build)["x"].sum()))
+"""
+
+
+def test_a_builder_killed_mid_build_leaves_the_waiter_to_build(tmp_path):
+    cache = str(tmp_path / "cache")
+    run = lambda mode: subprocess.Popen([sys.executable, "-c", BUILDER, cache, mode], cwd=ROOT, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dying = run("die")
+    time.sleep(1.0)  # it holds the lock now
+    waiter = run("build")
+    out, err = waiter.communicate(timeout=60)
+    assert dying.wait(timeout=60) == 9
+    assert waiter.returncode == 0 and out.strip() == str(sum(range(1000))), err
+    assert "built t index" in err
 
 
 def test_racing_without_working_locks_both_build_and_agree(tmp_path):

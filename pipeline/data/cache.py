@@ -3,8 +3,9 @@
 Protocol (needs no process group, works across jobs and across nodes):
 - `NAME-KEY.json` is the commit marker, written last. Arrays are `NAME-KEY-ARRAY.npy`; every file is written
   under a unique temporary name (host, pid, random) and renamed into place, so no reader sees a partial file.
-- Builders on one filesystem take an exclusive `flock` on `NAME-KEY.lock`: one builds, the others wait for
-  the lock, find the marker and map the arrays. The kernel releases the lock when a builder dies.
+- Builders on one filesystem try an exclusive `flock` on `NAME-KEY.lock`: the one that gets it builds; the
+  others wait on a shared lock (so that all wake at once), find the marker and map the arrays. The kernel
+  releases the lock when a builder dies; its waiters then find no marker and try again.
 - Where locks do not work (some network filesystems), or folders are not shared (per-node caches), more than
   one process may build; the arrays are a deterministic function of the key, so whichever rename lands last
   leaves the same bytes, and every reader still sees a complete set.
@@ -75,16 +76,25 @@ def _probe(a: np.ndarray) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: str):
+def _build_lock(lock_path: str):
+    """Yields True to the one process that should build (it holds the exclusive lock), False to each waiter once
+    the builder is done. Waiters wait on a shared lock, so that all of them wake together (not one at a time, as
+    a thousand ranks queueing for the exclusive lock would) and read the result in parallel."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            builder = True
+        except BlockingIOError:  # someone is building
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            builder = False
         except OSError as e:  # e.g. a network filesystem without locks: fall back to build-and-rename
             log.warning("%s: cannot lock (%s); building without a lock", lock_path, e)
-        yield
+            builder = True
+        yield builder
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the exclusive lock
 
 
 def _load(base: str, description: dict) -> dict[str, np.ndarray] | None:
@@ -110,6 +120,17 @@ def _load(base: str, description: dict) -> dict[str, np.ndarray] | None:
     return arrays
 
 
+def _build_and_save(base: str, name: str, description: dict, build: Callable[[], dict[str, np.ndarray]]) -> None:
+    t0 = time.time()
+    built = build()
+    _write_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a)) for key, a in built.items()})
+    meta = {"description": description, "built_by": f"{socket.gethostname()}:{os.getpid()}",
+            "build_seconds": round(time.time() - t0, 3),
+            "arrays": {k: [a.dtype.str, list(a.shape), _probe(a)] for k, a in built.items()}}
+    _write_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
+    log.info("built %s index %s in %.2fs", name, base, time.time() - t0)
+
+
 def load_or_build(cache_dir: str, name: str, description: dict,
                   build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The arrays for `description`, from `cache_dir` when they are there, else built by `build()` and saved.
@@ -125,19 +146,15 @@ def load_or_build(cache_dir: str, name: str, description: dict,
     except OSError as e:
         raise ValueError(f"data.cache_dir {cache_dir}: cannot create it ({e.strerror}); set data.cache_dir "
                          f"to a writable folder") from None
-    with _exclusive(base + ".lock"):
-        arrays = _load(base, description)  # built by whoever held the lock before us
-        if arrays is not None:
-            return arrays
-        t0 = time.time()
-        built = build()
-        _write_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a))
-                       for key, a in built.items()})
-        meta = {"description": description, "built_by": f"{socket.gethostname()}:{os.getpid()}",
-                "build_seconds": round(time.time() - t0, 3),
-                "arrays": {k: [a.dtype.str, list(a.shape), _probe(a)] for k, a in built.items()}}
-        _write_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
-        log.info("built %s index %s in %.2fs", name, base, time.time() - t0)
+    while True:
+        with _build_lock(base + ".lock") as builder:
+            arrays = _load(base, description)  # built by whoever held the lock before us
+            if arrays is not None:
+                return arrays
+            if builder:
+                _build_and_save(base, name, description, build)
+                break
+            # the builder ended without committing (killed): try to build ourselves
     arrays = _load(base, description)
     if arrays is None:
         raise RuntimeError(f"{base}.json: index cache written but not readable back; check data.cache_dir {cache_dir}")
