@@ -218,3 +218,34 @@ def test_pmi2_launch_through_mpi4py_discovery(cluster, token_dir, tmp_path):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert "launch: node n1 rank 0/2" in log and "(pmi2)" in log and "world 2 (dp 2" in log
     assert [r["step"] for r in train_rows(tmp_path)] == [1, 2, 3]
+
+
+def test_preprocess_task_stopped_by_signal_requeues_and_resumes(cluster, corpus_dir, tokenizer_model, tmp_path):
+    """Time limit or preemption during tokenization: the batch shell forwards USR1, the task stops, Slurm requeues
+    it, the same command resumes after its last complete shard; the shards equal a single uninterrupted run's."""
+    big = tmp_path / "big"
+    big.mkdir()
+    text = (Path(corpus_dir) / "corpus.jsonl").read_text()
+    (big / "corpus.jsonl").write_text(text * 12)  # ~14 MB: long enough to be stopped half way
+    opts = ["--tokenizer", str(tokenizer_model), "--unit-bytes", "1000000", "--shard-tokens", "200000"]
+    run_cli("-m", "preprocess", "tokenize", str(big), *opts, "--output", str(tmp_path / "single"), "--workers", "1")
+    env = {**cluster.env, "LOG_DIR": str(tmp_path / "logs")}
+    sub = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path}/pre-%j.out",
+                          "slurm/preprocess.sbatch", str(big), *opts, "--output", str(tmp_path / "out")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.strip().split(";")[0]
+    log = lambda: (tmp_path / f"pre-{job}.out").read_text(errors="replace") if (tmp_path / f"pre-{job}.out").exists() else ""
+    deadline = time.time() + JOB_TIMEOUT
+    while not list((tmp_path / "out").rglob("u*.bin")):  # some shards are complete
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), log()[-3000:]
+        time.sleep(0.1)
+    cluster.cmd("scancel", "--signal=USR1", "--batch", job)
+    info = cluster.wait(job, JOB_TIMEOUT)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log()[-3000:]
+    assert "requeueing (restart" in log() and "resuming unit" in log()  # not started over
+    single = {p.name: p.read_bytes() for p in (tmp_path / "single").iterdir()}
+    out = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert sorted(out) == sorted(single) and len([n for n in single if n.endswith(".bin")]) > 1
+    for name in single:
+        assert out[name] == single[name], name
