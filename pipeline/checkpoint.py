@@ -183,12 +183,17 @@ def load_weights_only(ckpt_dir: str, tag: str) -> dict:
     return load_file(os.path.join(ckpt_dir, tag, "model.safetensors"))
 
 
-def layout_change(ckpt_dir: str, tag: str, parallel_cfg: dict, world_size: int) -> str | None:
+def is_universal(ckpt_dir: str, tag: str) -> bool:
+    """A `convert reshape` output: DeepSpeed loads it into any tp, pp and data-parallel size."""
+    return os.path.isfile(os.path.join(ckpt_dir, tag, "UNIVERSAL"))
+
+
+def layout_change(ckpt_dir: str, tag: str, parallel_cfg: dict, world_size: int | None) -> str | None:
     """Why DeepSpeed could not load `tag` into this layout (tensor/pipeline/data-parallel sizes, ZeRO stage), or
-    None. Universal checkpoints (`convert reshape`) and weights-only tags load into any layout; ZeRO-0 state is
-    not partitioned across data-parallel ranks."""
+    None. Weights-only tags load anywhere; universal ones into any sizes, but not across ZeRO-3 and ZeRO-0/1/2.
+    `world_size` None (unknown before start-up): the data-parallel size is not compared."""
     path = os.path.join(ckpt_dir, tag)
-    if is_weights_only(ckpt_dir, tag) or os.path.isfile(os.path.join(path, "UNIVERSAL")):
+    if is_weights_only(ckpt_dir, tag):
         return None
     try:
         with open(os.path.join(path, "run_config.json")) as f:
@@ -197,17 +202,23 @@ def layout_change(ckpt_dir: str, tag: str, parallel_cfg: dict, world_size: int) 
     except (OSError, ValueError, KeyError, TypeError):
         return None  # an older or unreadable tag: check_compatible and DeepSpeed speak for it
 
-    def sizes(p: dict, world: int) -> dict:
+    def sizes(p: dict, world: int | None) -> dict:
         tp, pp = int(p.get("tp", 1)), int(p.get("pp", 1))
-        return {"tp": tp, "pp": pp, "dp": world // (tp * pp), "zero_stage": int(p.get("zero_stage", 0))}
+        return {"tp": tp, "pp": pp, "dp": world // (tp * pp) if world else None, "zero_stage": int(p.get("zero_stage", 0))}
     a, b = sizes(old, old_world), sizes(parallel_cfg, world_size)
-    keys = ["tp", "pp", "zero_stage"] + (["dp"] if b["zero_stage"] > 0 else [])
+    if (a["zero_stage"] == 3) != (b["zero_stage"] == 3):
+        return (f"it was saved with ZeRO-{a['zero_stage']} and this run uses ZeRO-{b['zero_stage']}; DeepSpeed "
+                f"cannot move optimizer state between ZeRO-3 and ZeRO-0/1/2: keep parallel.zero_stage="
+                f"{a['zero_stage']}, or start from the weights alone (convert to-hf, then convert from-hf)")
+    if is_universal(ckpt_dir, tag):
+        return None
+    keys = ["tp", "pp", "zero_stage"] + (["dp"] if b["zero_stage"] > 0 and b["dp"] is not None else [])
     diff = [f"{k} {a[k]} -> {b[k]}" for k in keys if a[k] != b[k]]
     if not diff:
         return None
     return (f"it was saved in another layout ({', '.join(diff)}), which DeepSpeed cannot load directly; convert it: "
             f"python -m pipeline.convert reshape {ckpt_dir} OUT --tp {b['tp']} --pp {b['pp']}, then run with "
-            f"checkpoint.dir=OUT parallel.deepspeed_config=OUT/ds_universal.json")
+            f"checkpoint.dir=OUT")
 
 
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "decay_style", "steps")

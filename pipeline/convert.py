@@ -214,8 +214,8 @@ def main(argv=None) -> None:
     f.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")
     r = sub.add_parser("reshape", help="move a checkpoint (weights and optimizer state) to another tp/pp layout",
                        description="Writes OUT as a universal checkpoint; resume with checkpoint.dir=OUT "
-                                   "parallel.tp=T parallel.pp=P parallel.deepspeed_config=OUT/ds_universal.json "
-                                   "at any data-parallel size.")
+                                   "parallel.tp=T parallel.pp=P at any data-parallel size (the trainer sees the "
+                                   "UNIVERSAL marker and loads it as such).")
     r.add_argument("ckpt", metavar="CKPT", help="checkpoint folder (checkpoint.dir of the run)")
     r.add_argument("out", metavar="OUT", help="new checkpoint folder (written to a temporary name, then renamed)")
     r.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the new layout")

@@ -8,9 +8,10 @@ data-parallel size. What DeepSpeed cannot know is added here first:
 - the names: pipeline checkpoints name parameters by pipeline layer (`3.attn.q_proj.weight`); they are renamed
   to the model's own (`layers.2.attn.q_proj.weight`) with the pipeline module's table, so that a run with
   another number of stages (or none) finds them.
-OUT is a checkpoint folder: `OUT/<tag>` with a `UNIVERSAL` marker and `OUT/ds_universal.json`. Resume with
+OUT is a checkpoint folder: `OUT/<tag>` with a `UNIVERSAL` marker (and `OUT/ds_universal.json`, DeepSpeed's
+switch for loading it, which the trainer now sets by itself from the marker). Resume with
 
-    pipeline.train --config X parallel.tp=T parallel.pp=P checkpoint.dir=OUT parallel.deepspeed_config=OUT/ds_universal.json
+    pipeline.train --config X parallel.tp=T parallel.pp=P checkpoint.dir=OUT
 
 Switching between ZeRO-3 and ZeRO-0/1/2 is not possible this way (FACTS.md). DeepSpeed's ZeRO-3 loader of
 universal checkpoints neither cuts tensor-parallel shards nor pads the vocabulary: ZeRO-3 runs reshape to tp 1

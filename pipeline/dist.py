@@ -18,12 +18,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def world_size_from_env() -> int:
-    """The world size the launcher announced, before any process group exists (for preflight checks)."""
-    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+def world_size_from_env(default: int | None = 1) -> int | None:
+    """The world size the launcher announced, before any process group exists (for preflight checks); `default`
+    when no variable says (a plain single process, or a launcher that announces no size)."""
+    names = ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"]
+    if "SLURM_STEP_ID" in os.environ:  # inside an srun step (e.g. --mpi=pmix, which exports no size of its own)
+        names.append("SLURM_STEP_NUM_TASKS")
+    for var in names:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    return 1
+    return default
 
 
 def init_distributed(timeout_s: int) -> None:

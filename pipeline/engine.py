@@ -133,7 +133,7 @@ def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: st
 
 
 class TrainEngine:
-    def __init__(self, cfg: RunConfig, init_state_dict: dict | None = None):
+    def __init__(self, cfg: RunConfig, init_state_dict: dict | None = None, load_universal: bool = False):
         import deepspeed
 
         from .parallel.groups import ParallelState
@@ -165,6 +165,9 @@ class TrainEngine:
         self.vocab_size, self.vocab_start = model.vocab_size, getattr(model, "vocab_start", 0)
         self.pipelined = p.pp > 1
         ds_config = build_ds_config(cfg, self.dp_size)
+        # Set from the tag being resumed, not from a config: a run resumed from a universal checkpoint saves
+        # ordinary tags next to it, and its requeue must load those the ordinary way.
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": load_universal}
         if self.pipelined:
             from .parallel.pipe import build_pipeline_module
 
@@ -303,7 +306,8 @@ class TrainEngine:
         return strip_vocab_padding(full, self.cfg.model)
 
 
-def build_engine(cfg: RunConfig, init_state_dict: dict | None = None) -> TrainEngine:
+def build_engine(cfg: RunConfig, init_state_dict: dict | None = None, load_universal: bool = False) -> TrainEngine:
     """The engine for cfg's layout; `init_state_dict` (a full unsharded state dict in our names, vocabulary
-    padded or not) replaces the seeded initial weights, e.g. a converted Hugging Face model."""
-    return TrainEngine(cfg, init_state_dict)
+    padded or not) replaces the seeded initial weights, e.g. a converted Hugging Face model; `load_universal`:
+    the checkpoint to load is a universal one (`convert reshape`)."""
+    return TrainEngine(cfg, init_state_dict, load_universal)

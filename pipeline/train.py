@@ -66,7 +66,8 @@ def prepare(args):
         if problem and not cfg.checkpoint.force:
             raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: {problem} "
                              f"(use a new checkpoint.dir, or checkpoint.force=true)")
-        moved = checkpoint.layout_change(cfg.checkpoint.dir, tag, cfg.to_dict()["parallel"], world_size_from_env())
+        moved = checkpoint.layout_change(cfg.checkpoint.dir, tag, cfg.to_dict()["parallel"],
+                                         world_size_from_env(default=None))
         if moved:
             raise ValueError(f"cannot resume from {os.path.join(cfg.checkpoint.dir, tag)}: {moved}")
         changes = [] if checkpoint.is_weights_only(cfg.checkpoint.dir, tag) else \
@@ -157,7 +158,7 @@ def run(cfg, docs, tag, stop) -> int:
     if weights_only:
         engine = build_engine(cfg, init_state_dict=checkpoint.load_weights_only(cfg.checkpoint.dir, tag))
     else:
-        engine = build_engine(cfg)
+        engine = build_engine(cfg, load_universal=tag is not None and checkpoint.is_universal(cfg.checkpoint.dir, tag))
     dp_rank, dp = engine.dp_rank, engine.dp_size
     t = cfg.train
     if rank == 0:
@@ -215,7 +216,7 @@ def run(cfg, docs, tag, stop) -> int:
         loss = sum(losses) / len(losses)
         metrics.write({"split": "valid", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50))})
 
-    step_time, code = 0.0, 0
+    step_time, steps_timed, code = 0.0, 0, 0
     while step < t.steps:
         t_step = time.time()
         loss = engine.train_step(*batch(train_ds, step))
@@ -237,10 +238,11 @@ def run(cfg, docs, tag, stop) -> int:
                                      f"{checkpoint.resolve_tag(cfg.checkpoint.dir)})")
         step += 1
         consumed += t.global_batch_size
+        steps_timed += 1
         if step % cfg.log.interval == 0 or step == t.steps:
             # train steps only: evaluations and checkpoints between two log lines do not count
-            elapsed = step_time / (cfg.log.interval if step % cfg.log.interval == 0 else 1)
-            step_time = 0.0
+            elapsed = step_time / steps_timed
+            step_time, steps_timed = 0.0, 0
             tps = tokens_per_step / elapsed
             tflops = fpt * tps / world / 1e12
             metrics.write({"step": step, "loss": loss, "lr": engine.lr(), "grad_norm": grad_norm,

@@ -45,9 +45,10 @@ print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, {rows[-1]['tokens_
 sys.exit(0 if rows[-1]["loss"] < rows[0]["loss"] else 1)
 PY
 }
-resume() {  # a second run on the same checkpoint folder: resumes, then stops at once (USR1 after step 1 is exit 85)
+resume() {  # a second run on the bf16 ZeRO-3 checkpoint: resumes at step 60 and trains on to 80
   torchrun --standalone --nproc_per_node 1 -m pipeline.train --config configs/tiny.yaml train.steps=80 \
-    train.override_lr_schedule=true "data.datasets=[{path: $OUT/tokens, weight: 1}]" \
+    parallel.zero_stage=3 train.precision=bf16 train.override_lr_schedule=true \
+    "data.datasets=[{path: $OUT/tokens, weight: 1}]" \
     checkpoint.dir="$OUT/zero3-bf16/ckpt" log.jsonl="$OUT/zero3-bf16/log.jsonl" && grep -q '"step": 80' "$OUT/zero3-bf16/log.jsonl"
 }
 export_and_generate() {

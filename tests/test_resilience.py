@@ -210,9 +210,12 @@ def test_resume_at_another_data_parallel_size(tmp_path, token_dir):
     assert err.startswith("error: cannot resume") and "dp 2 -> 1" in err and "convert reshape" in err, err
     out = tmp_path / "universal"
     run_cli("-m", "pipeline.convert", "reshape", str(moved), str(out), "--tp", "1", "--pp", "1")
-    assert run_ranks(1, "--config", cfg, f"checkpoint.dir={out}",
-                     f"parallel.deepspeed_config={out / 'ds_universal.json'}", log_dir=tmp_path) == [0]
+    assert run_ranks(1, "--config", cfg, f"checkpoint.dir={out}", log_dir=tmp_path) == [0]  # sees UNIVERSAL
     resumed = dict(losses(tmp_path))
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), (step, resumed[step], reference[step])
+    # A requeue of that run resumes from the ordinary tag it saved next to the universal one.
+    assert run_ranks(1, "--config", cfg, f"checkpoint.dir={out}", "train.steps=6", "train.override_lr_schedule=true",
+                     log_dir=tmp_path) == [0], (tmp_path / "rank0.log").read_text()[-2000:]
+    assert sorted(dict(losses(tmp_path))) == [3, 4, 5, 6]

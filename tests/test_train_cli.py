@@ -69,3 +69,43 @@ def test_mfu_peaks_tell_pcie_and_nvl_parts_apart():
     assert peak_tflops("NVIDIA H100 NVL") == 835.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_layout_change_rules(tmp_path):
+    """What a resume into another layout is told, from the tag's run_config.json and commit marker alone."""
+    import json
+
+    from pipeline.checkpoint import layout_change
+
+    tag = tmp_path / "global_step2"
+    tag.mkdir()
+    (tag / "run_config.json").write_text(json.dumps({"parallel": {"tp": 1, "pp": 1, "zero_stage": 3}}))
+    (tag / "COMMITTED").write_text(json.dumps({"world_size": 2}))
+    same = {"tp": 1, "pp": 1, "zero_stage": 3}
+    assert layout_change(str(tmp_path), tag.name, same, 2) is None
+    assert "dp 2 -> 1" in layout_change(str(tmp_path), tag.name, same, 1)
+    assert "convert reshape" in layout_change(str(tmp_path), tag.name, same, 4)
+    assert layout_change(str(tmp_path), tag.name, same, None) is None  # world size unknown before start-up
+    assert "tp 1 -> 2" in layout_change(str(tmp_path), tag.name, {**same, "tp": 2}, 2)
+    assert "ZeRO-3 and ZeRO-0/1/2" in layout_change(str(tmp_path), tag.name, {**same, "zero_stage": 1}, 2)
+    (tag / "UNIVERSAL").write_text("")
+    assert layout_change(str(tmp_path), tag.name, {**same, "tp": 1}, 8) is None  # universal: any sizes
+    assert "ZeRO-3 and ZeRO-0/1/2" in layout_change(str(tmp_path), tag.name, {**same, "zero_stage": 1}, 2)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, None),
+    ({"WORLD_SIZE": "8"}, 8),
+    ({"MV2_COMM_WORLD_SIZE": "16"}, 16),
+    ({"PMIX_RANK": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4"}, 4),  # srun --mpi=pmix
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4"}, None),  # a batch shell, not a step: no size
+])
+def test_world_size_from_env(monkeypatch, env, expected):
+    from pipeline.dist import world_size_from_env
+
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_ID",
+                "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "PMIX_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert world_size_from_env(default=None) == expected
