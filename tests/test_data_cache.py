@@ -72,6 +72,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 cache, mode = sys.argv[1], sys.argv[2]
 def build():
     if mode == "die":
+        open(os.path.join(cache, "holding"), "w").close()  # the lock is ours: the test starts the waiter now
         time.sleep(3)
         os._exit(9)
     return {"x": np.arange(1000)}
@@ -84,7 +85,10 @@ def test_a_builder_killed_mid_build_leaves_the_waiter_to_build(tmp_path):
     run = lambda mode: subprocess.Popen([sys.executable, "-c", BUILDER, cache, mode], cwd=ROOT, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     dying = run("die")
-    time.sleep(1.0)  # it holds the lock now
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(cache, "holding")):
+        assert time.time() < deadline and dying.poll() is None, dying.communicate()
+        time.sleep(0.05)
     waiter = run("build")
     out, err = waiter.communicate(timeout=60)
     assert dying.wait(timeout=60) == 9
