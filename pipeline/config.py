@@ -243,6 +243,10 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
         problems.append(f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
     if p.pp > 1 and p.zero_stage >= 2:
         problems.append(f"parallel.zero_stage {p.zero_stage} with parallel.pp {p.pp}: DeepSpeed's pipeline engine supports ZeRO 0-1 only; set parallel.zero_stage=1")
+    if p.pp > 1 and p.zero_stage == 0 and t.precision == "bf16":
+        problems.append(f"parallel.zero_stage 0 with parallel.pp {p.pp} and train.precision bf16: DeepSpeed's pipeline "
+                        "engine then keeps its optimizer in a BF16_Optimizer whose checkpoints do not resume; "
+                        "set parallel.zero_stage=1")
     if t.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
     if t.decay_style not in ("cosine", "linear", "constant"):

@@ -71,12 +71,16 @@ def test_tp_rng_differs_per_rank_replays_and_leaves_the_shared_stream_alike():
     assert torch.equal(after0, after1)  # the replicated stream stays identical across TP ranks
 
 
-def test_zero3_with_pipeline_is_refused_before_start(tmp_path):
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.zero_stage=3"], "parallel.zero_stage 3 with parallel.pp 2"),
+    (["parallel.zero_stage=0", "train.precision=bf16"], "parallel.zero_stage 0 with parallel.pp 2 and train.precision bf16"),
+])
+def test_pipeline_layouts_deepspeed_cannot_run_are_refused_before_start(tmp_path, overrides, message):
     proc = run_cli("-m", "pipeline.train", "--config", str(ROOT / "configs" / "tiny.yaml"), "parallel.pp=2",
-                   "parallel.zero_stage=3", check=False, timeout=120)
+                   *overrides, check=False, timeout=120)
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "parallel.zero_stage 3 with parallel.pp 2" in lines[0], proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
     assert "zero_stage=1" in lines[0]
 
 
