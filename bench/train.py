@@ -50,11 +50,11 @@ def batches(args, n):
 
 
 def time_plain(cfg, data, warmup):
-    from pipeline.engine import build_optimizer
+    from pipeline.optim import build_optimizer
     from pipeline.model import build_model, lm_loss
 
     model = build_model(cfg.model, seed=1)
-    opt, sched = build_optimizer(model, cfg.train)
+    opt = build_optimizer(model, cfg.train)
     times = []
     for i, b in enumerate(data):
         t0 = time.perf_counter()
@@ -62,7 +62,6 @@ def time_plain(cfg, data, warmup):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - t0)

@@ -65,7 +65,7 @@ def exit_cleanly(code: int = 0) -> None:
     """Flush, meet every rank at a barrier, and leave with os._exit.
 
     gloo processes that exit normally sometimes abort in a destructor ("terminate called without an active
-    exception"); ending at a barrier then os._exit avoids it (FACTS.md).
+    exception"); ending at a barrier then os._exit avoids it.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -21,40 +21,10 @@ from . import dist
 from .config import RunConfig
 from .ds_config import build_ds_config
 from .model import build_model, lm_loss, num_params
+from .optim import build_optimizer, set_lr
 
 
 IGNORE = -100  # label of a position excluded from the loss
-
-
-def build_optimizer(model, t, offload: bool = False):
-    """AdamW with no weight decay on norms and biases, and the LR schedule. Only trainable parameters
-    (requires_grad) reach the optimizer.
-
-    torch's AdamW (no compiled ops), or with `offload` (ZeRO-Offload: the step runs on the CPU) DeepSpeed's
-    CPU Adam, several times faster there (bench/train.py); it compiles once per machine (~40 s) and torch's
-    AdamW stands in, with a warning, where it cannot be built."""
-    from .train import LRSchedule
-
-    decay, no_decay = [], []
-    for p in {id(p): p for p in model.parameters()}.values():
-        if p.requires_grad:  # ZeRO-3 partitioned parameters keep their full shape in ds_shape
-            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = None
-    if offload:
-        try:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            opt = DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, adamw_mode=True)
-        except Exception as e:  # noqa: BLE001 - a missing compiler or headers: slower, still correct
-            import logging
-
-            logging.getLogger("pipeline").warning("DeepSpeed's CPU Adam cannot be built here (%s: %s); the "
-                                                  "offloaded optimizer step uses torch's AdamW, several times "
-                                                  "slower", type(e).__name__, str(e).splitlines()[0][:200])
-    if opt is None:
-        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, LRSchedule(t))
 
 
 def init_source(model, sd: dict) -> dict:
@@ -147,7 +117,7 @@ class TrainEngine:
         if p.pp > 1 and cfg.train.freeze_layers and cfg.model.tie_embeddings:
             raise ValueError("train.freeze_layers with parallel.pp > 1 and model.tie_embeddings: DeepSpeed's pipeline "
                              "engine all-reduces the tied embedding's gradient, which a frozen embedding lacks; use pp=1")
-        self.world = dist.world_size()
+        self.world, self.rank = dist.world_size(), dist.rank()
         self.state = ParallelState(p.tp, p.pp)
         self.dp_size, self.dp_rank = self.state.dp, self.state.coord.dp
         self.dp_group = self.state.dp_group
@@ -174,9 +144,8 @@ class TrainEngine:
             module = build_pipeline_module(model, self.state, self.loss)
             model.init_source = None  # the layer specs keep the (meta) model alive, not the source values
             del model  # every stage keeps only its own layers, allocated as DeepSpeed built them
-            optimizer, self.scheduler = build_optimizer(module, cfg.train)
-            self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                        lr_scheduler=self.scheduler, config=ds_config)
+            self.optimizer = build_optimizer(module, cfg.train)
+            self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=ds_config)
         else:
             mpu = self.state if p.tp > 1 else None
             if p.zero_stage == 3:
@@ -185,9 +154,9 @@ class TrainEngine:
                 materialize(model)
             model.init_source = None
             offload = p.zero_stage == 3 and p.offload_optimizer
-            optimizer, self.scheduler = build_optimizer(model, cfg.train, offload=offload)
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.scheduler,
-                                                        config=ds_config, mpu=mpu)
+            self.optimizer = build_optimizer(model, cfg.train, offload=offload)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
+                                                        mpu=mpu)
         self.device = self.engine.device
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -252,23 +221,16 @@ class TrainEngine:
         return float(gn) if gn is not None else None
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.optimizer.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        """The LR of the next optimizer step (pipeline/optim.py computes it from the step)."""
+        set_lr(self.optimizer, lr)
 
     def step_applied(self) -> bool:
         """False when DeepSpeed skipped the last optimizer step (an fp16 loss-scale overflow)."""
         applied = getattr(self.engine, "was_step_applied", None)
         return bool(applied()) if applied is not None else True
-
-    def set_lr_schedule(self, schedule, peak_lr: float) -> None:
-        """Replace the (restored) schedule: LambdaLR keeps its step count; every group's LR follows `schedule`."""
-        sched = self.scheduler
-        groups = sched.optimizer.param_groups
-        sched.lr_lambdas = [schedule] * len(groups)
-        sched.base_lrs = [peak_lr] * len(groups)
-        for g in groups:
-            g["initial_lr"] = peak_lr
-            g["lr"] = peak_lr * schedule(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in groups]
 
     def local_state_dict(self) -> dict:
         """This rank's parameters (its TP shard, its pipeline stage) under our model's names, on CPU.

@@ -28,13 +28,13 @@ def load_for_inference(path: str, tag: str | None = None) -> tuple[Transformer, 
 def load_model(path: str, tag: str | None = None) -> Transformer:
     """Our unsharded model (fp32, eval mode) from a checkpoint of any layout (or weights-only) or an HF folder."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        from .convert_hf import read_hf_config, read_hf_state_dict
+        from .convert.hf import read_hf_config, read_hf_state_dict
         from .hf import model_config_from_hf
 
         mcfg = model_config_from_hf(read_hf_config(path))
         sd = read_hf_state_dict(path, mcfg)
     else:
-        from .convert import read_checkpoint
+        from .convert.hf import read_checkpoint
 
         sd, cfg, _ = read_checkpoint(path, tag)
         mcfg = cfg.model

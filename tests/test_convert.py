@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from pipeline import convert
+from pipeline.checkpoint.read import read_weights_only
 
 VOCAB = 300
 
@@ -77,7 +78,7 @@ def test_from_hf_then_to_hf_gives_identical_tensors(imported, tmp_path):
     tag = ckpt / "global_step0"
     assert (ckpt / "latest").read_text() == "global_step0"
     assert {"model.safetensors", "run_config.json", "COMMITTED", "WEIGHTS_ONLY"} <= set(os.listdir(tag))
-    sd = convert.read_weights_only(str(ckpt), "global_step0")  # what the trainer loads
+    sd = read_weights_only(str(ckpt), "global_step0")  # what the trainer loads
     assert sd["embed_tokens.weight"].shape == (VOCAB, 64) and "layers.1.attn.q_proj.weight" in sd
 
     convert.to_hf(str(ckpt), str(tmp_path / "back"))

@@ -50,20 +50,21 @@ def global_batch(step: int) -> torch.Tensor:
 
 def oracle(arch: str):
     """The unsharded model under torch's AdamW: per-step losses and grad norms, final params, then an eval loss."""
-    from pipeline.engine import build_optimizer
+    from pipeline.optim import Schedule, build_optimizer, lr_at, set_lr
     from pipeline.model import build_model, lm_loss
 
     cfg = run_config(arch)
     model = build_model(cfg.model, seed=cfg.train.seed)
-    opt, sched = build_optimizer(model, cfg.train)
+    opt = build_optimizer(model, cfg.train)
+    schedule = Schedule.from_train_config(cfg.train)
     losses, norms = [], []
     for step in range(STEPS):
+        set_lr(opt, lr_at(step, schedule))
         micro = global_batch(step).split(cfg.train.micro_batch_size)
         loss = sum(lm_loss(model(mb[:, :-1]), mb[:, 1:]) for mb in micro) / len(micro)
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)))
         opt.step()
-        sched.step()
         opt.zero_grad()
         losses.append(loss.item())
     with torch.no_grad():

@@ -37,7 +37,7 @@ if _missing:
 NODES_2x1 = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1")
 JOB_TIMEOUT = 240
 # DeepSpeed JIT-compiles a shared-memory op at start-up, cached in TORCH_EXTENSIONS_DIR. Processes that run with
-# another ninja on PATH rebuild the shared default cache (FACTS.md), which costs these jobs minutes each when other
+# another ninja on PATH rebuild the shared default cache, which costs these jobs minutes each when other
 # test runs share the machine: the jobs get a cache of their own (built once per machine).
 JOB_ENV = {"TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions_slurm_tests")}
 

@@ -56,7 +56,7 @@ def test_zero3_with_pipeline_refused():
     (float("nan"), float("nan"), "fp16", "stop", False, "stop"),
 ])
 def test_nonfinite_action(loss, grad_norm, precision, on_nonfinite, applied, expected):
-    from pipeline.train import nonfinite_action
+    from pipeline.loop import nonfinite_action
 
     assert nonfinite_action(loss, grad_norm, precision, on_nonfinite, applied) == expected
 

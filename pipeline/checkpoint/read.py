@@ -23,11 +23,8 @@ from typing import Callable
 
 import torch
 
-from . import checkpoint
-from .config import RunConfig, from_dict, resolve_model_defaults
-
-WEIGHTS_ONLY = "WEIGHTS_ONLY"
-WEIGHTS_FILE = "model.safetensors"
+from ..config import RunConfig, from_dict, resolve_model_defaults
+from .commit import COMMIT, WEIGHTS_FILE, WEIGHTS_ONLY, resolve_tag
 _ZERO_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _ZERO_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _MP_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -124,7 +121,7 @@ def _read_zero3_rank(tag_dir: str, mp: int, model_files: dict, optim_files: dict
 
 def _read_pipeline(tag_dir: str, layer_files: dict, cfg: RunConfig) -> list[LazyStateDict]:
     """Pipeline layer files renamed with the pipeline module's own layer → parameter-name table."""
-    from .parallel.pipe import pipe_layer_to_names
+    from ..parallel.pipe import pipe_layer_to_names
 
     table = pipe_layer_to_names(cfg.model)
     tps = sorted({mp for _, mp in layer_files})
@@ -177,7 +174,7 @@ def _merge_tp(ranks: list[LazyStateDict], cfg: RunConfig, tag_dir: str) -> LazyS
     if len(ranks) != cfg.parallel.tp:
         raise ValueError(f"{tag_dir}: run config says parallel.tp={cfg.parallel.tp}, found files of {len(ranks)} "
                          "tensor-parallel ranks; a shard is missing")
-    from .parallel.tp import merge_tp_shards
+    from ..parallel.tp import merge_tp_shards
 
     return _eager(merge_tp_shards([r.materialize() for r in ranks], cfg.model))
 
@@ -197,11 +194,11 @@ def committed_tag(ckpt_dir: str, tag: str | None = None) -> tuple[str, str]:
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir}: no such checkpoint folder")
     try:
-        tag = checkpoint.resolve_tag(ckpt_dir, tag)
+        tag = resolve_tag(ckpt_dir, tag)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     if tag is None:
-        raise ValueError(f"{ckpt_dir}: no committed checkpoint found (no global_stepN folder with a {checkpoint.COMMIT} marker)")
+        raise ValueError(f"{ckpt_dir}: no committed checkpoint found (no global_stepN folder with a {COMMIT} marker)")
     return tag, os.path.join(ckpt_dir, tag)
 
 
@@ -257,6 +254,3 @@ def read_weights_only(ckpt_dir: str, tag: str) -> dict:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
     return sd
 
-
-def is_weights_only(ckpt_dir: str, tag: str) -> bool:
-    return os.path.isfile(os.path.join(ckpt_dir, tag, WEIGHTS_ONLY))

@@ -1,6 +1,6 @@
 """`convert reshape CKPT OUT --tp T --pp P`: a checkpoint's weights and optimizer state moved to another layout.
 
-Through DeepSpeed universal checkpoints (FACTS.md): every parameter and its Adam moments are written whole, one
+Through DeepSpeed universal checkpoints : every parameter and its Adam moments are written whole, one
 folder per parameter, and each rank of the new layout cuts its own piece when it loads, whatever its
 data-parallel size. What DeepSpeed cannot know is added here first:
 - the tensor-parallel rules of our layers (which parameters are row-parallel, replicated or vocab-padded), as
@@ -8,12 +8,12 @@ data-parallel size. What DeepSpeed cannot know is added here first:
 - the names: pipeline checkpoints name parameters by pipeline layer (`3.attn.q_proj.weight`); they are renamed
   to the model's own (`layers.2.attn.q_proj.weight`) with the pipeline module's table, so that a run with
   another number of stages (or none) finds them.
-OUT is a checkpoint folder: `OUT/<tag>` with a `UNIVERSAL` marker (and `OUT/ds_universal.json`, DeepSpeed's
-switch for loading it, which the trainer now sets by itself from the marker). Resume with
+OUT is a checkpoint folder: `OUT/<tag>` with a `UNIVERSAL` marker, from which the trainer knows to load it as a
+universal checkpoint. Resume with
 
     pipeline.train --config X parallel.tp=T parallel.pp=P checkpoint.dir=OUT
 
-Switching between ZeRO-3 and ZeRO-0/1/2 is not possible this way (FACTS.md). DeepSpeed's ZeRO-3 loader of
+Switching between ZeRO-3 and ZeRO-0/1/2 is not possible this way . DeepSpeed's ZeRO-3 loader of
 universal checkpoints neither cuts tensor-parallel shards nor pads the vocabulary: ZeRO-3 runs reshape to tp 1
 only (vocabulary tensors padded here for it); ZeRO-0/1 runs (pipelines) to any tp and pp.
 """
@@ -30,12 +30,10 @@ import sys
 
 import torch
 
-from . import checkpoint
-from .config import validate
-from .convert_read import _LAYER, _MP_MODEL, _ZERO_MODEL, committed_tag, detect_layout, read_run_config
-
-UNIVERSAL = "UNIVERSAL"
-DS_JSON = "ds_universal.json"
+from ..checkpoint import UNIVERSAL, commit, marker
+from ..checkpoint.read import _LAYER, _MP_MODEL, _ZERO_MODEL, committed_tag, detect_layout, read_run_config
+from ..config import validate
+from ..fs import staging_dir
 
 
 def universal_info(cfg) -> dict:
@@ -55,7 +53,7 @@ def universal_info(cfg) -> dict:
 
 def _pipe_renamer(cfg):
     """Pipeline-module parameter name → the model's name (`{layer}.{key}`, `tied_modules.{tie}.{key}`)."""
-    from .parallel.pipe import pipe_layer_to_names
+    from ..parallel.pipe import pipe_layer_to_names
 
     table = pipe_layer_to_names(cfg.model)
 
@@ -87,7 +85,7 @@ def _prepare_input(src: str, work: str, info: dict) -> None:
 def _pad_vocab_for_zero3(zero_dir: str, cfg) -> None:
     """ZeRO-3's universal loader takes each tensor as the parameter's exact full value (no vocab padding, unlike
     the ZeRO-1 loader): give the vocabulary tensors the padded rows of the new layout (zero, like fresh ones)."""
-    from .config import padded_vocab_size
+    from ..config import padded_vocab_size
 
     rows = padded_vocab_size(cfg.model, cfg.parallel.tp)
     for name in ("embed_tokens.weight", "lm_head.weight"):
@@ -105,7 +103,6 @@ def _pad_vocab_for_zero3(zero_dir: str, cfg) -> None:
 
 
 def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, overwrite: bool = False) -> str:
-    from .convert import staging_dir
 
     tag, src = committed_tag(ckpt_dir, tag)
     cfg = read_run_config(src)
@@ -115,7 +112,7 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
     new = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=tp, pp=pp))
     if pp > 1 and cfg.parallel.zero_stage >= 2:
         raise ValueError(f"{src} was trained with ZeRO-{cfg.parallel.zero_stage}; pipeline stages need ZeRO-0/1, and "
-                         "universal checkpoints cannot switch between ZeRO-3 and ZeRO-1 (FACTS.md)")
+                         "universal checkpoints cannot switch between ZeRO-3 and ZeRO-1 ")
     if cfg.parallel.zero_stage == 3 and tp > 1:
         raise ValueError(f"{src} was trained with ZeRO-3: DeepSpeed's ZeRO-3 loader of universal checkpoints does not "
                          "cut tensor-parallel shards, so only --tp 1 is possible (any data-parallel size)")
@@ -152,16 +149,8 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
         with open(os.path.join(dst, UNIVERSAL), "w") as f:
             json.dump({"source": os.path.abspath(src), "from": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
                        "to": {"tp": tp, "pp": pp}}, f)
-        with open(os.path.join(tmp, DS_JSON), "w") as f:
-            json.dump({"checkpoint": {"load_universal": True}}, f, indent=2)
-        marker = checkpoint.marker(ckpt_dir, tag)
-        marker["files"] = {os.path.relpath(os.path.join(root, f), dst): os.path.getsize(os.path.join(root, f))
-                           for root, _, names in os.walk(dst) for f in names}
-        marker["reshaped_from"] = os.path.abspath(src)
-        with open(os.path.join(dst, checkpoint.COMMIT), "w") as f:
-            json.dump(marker, f, indent=1)
-        with open(os.path.join(tmp, "latest"), "w") as f:
-            f.write(tag)
         if os.path.isfile(os.path.join(ckpt_dir, "tokenizer.model")):
             shutil.copyfile(os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        old = {k: v for k, v in marker(ckpt_dir, tag).items() if k not in ("files", "time")}
+        commit(tmp, tag, {**old, "reshaped_from": os.path.abspath(src)})
     return out

@@ -1,0 +1,123 @@
+"""Small filesystem helpers with one owner: atomic writes, staging folders, flushing to storage.
+
+Every output that must never look complete before it is (checkpoint markers, `latest`, manifests, index caches,
+exported models) is written under a temporary name in the same folder and renamed into place. Standard library
+only: `preprocess` imports this module too.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+
+def tmp_name(path: str) -> str:
+    """A temporary name beside `path`, unique to this process on any node of a shared filesystem."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_atomic(path: str, data: str | bytes, fsync: bool = True) -> None:
+    """Write `data` to `path` by write-then-rename: readers see the old file or the whole new one."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj, indent: int | None = 1) -> None:
+    write_atomic(path, json.dumps(obj, indent=indent))
+
+
+def write_files_atomic(items: dict[str, Callable], fsync: bool = True) -> None:
+    """Write several files, each through `write(f)` into a temporary name, fsync them all at once (threads: the
+    waits overlap), then rename each; on any failure none is renamed and the temporary files are removed."""
+    tmps = {}
+    try:
+        for path, write in items.items():
+            tmps[path] = tmp_name(path)
+            with open(tmps[path], "wb") as f:
+                write(f)
+        if fsync:
+            with ThreadPoolExecutor(max_workers=min(8, len(tmps) or 1)) as pool:
+                list(pool.map(_fsync_path, tmps.values()))
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def staging_dir(out: str, overwrite: bool):
+    """A temporary folder beside `out`, renamed to `out` on success and removed on any failure.
+
+    With `overwrite`, an existing `out` is replaced only once the new one is complete. The folder gets the mode
+    a plain `mkdir` would (the umask's), not mkdtemp's 0700, so that a shared group can read an exported model."""
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(out))
+    created = not os.path.isdir(parent)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.old-", dir=parent)
+            os.replace(out, os.path.join(old, "x"))
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                os.removedirs(parent)
+        raise
+
+
+def flush_filesystem(path: str) -> None:
+    """Write back every dirty page of the filesystem holding `path` (Linux syncfs), else of all (os.sync)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) != 0:
+                raise OSError(ctypes.get_errno(), "syncfs failed")
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        os.sync()
