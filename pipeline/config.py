@@ -24,6 +24,10 @@ class ModelConfig:
     seq_len: int = 128
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling, in Hugging Face's form: {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1+) or {"rope_type": "linear", "factor"}
+    rope_scaling: dict | None = None
+    qkv_bias: bool = False              # bias on the q, k, v projections of a llama (Qwen2); gpt always has biases
     tie_embeddings: bool | None = None  # None = True for gpt, False for llama
     dropout: float = 0.0
     init_std: float = 0.02
@@ -229,6 +233,7 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     resolve_model_defaults(m)
     if m.arch not in ("gpt", "llama"):
         problems.append(f"model.arch: '{m.arch}' is not one of gpt, llama")
+    problems += rope_scaling_problems(m.rope_scaling)
     if m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
     if m.num_heads % m.kv_heads:
@@ -277,6 +282,21 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
         if not isinstance(d, dict) or "path" not in d:
             problems.append(f"data.datasets[{i}]: expected {{path, weight}}, got {d!r}")
     return problems
+
+
+ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                     "linear": ("factor",)}
+
+
+def rope_scaling_problems(rs) -> list[str]:
+    """Why model.rope_scaling is unusable (empty when it is None or a complete llama3/linear description)."""
+    if rs is None:
+        return []
+    if not isinstance(rs, dict) or rs.get("rope_type") not in ROPE_SCALING_KEYS:
+        return [f"model.rope_scaling: expected {{rope_type: llama3|linear, ...}}, got {rs!r}"]
+    bad = [k for k in ROPE_SCALING_KEYS[rs["rope_type"]]
+           if isinstance(rs.get(k), bool) or not isinstance(rs.get(k), (int, float)) or not rs[k] > 0]
+    return [f"model.rope_scaling ({rs['rope_type']}): {k} must be a positive number" for k in bad]
 
 
 def padded_vocab_size(m: ModelConfig, tp: int = 1) -> int:

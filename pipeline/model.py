@@ -34,12 +34,31 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = scale_rope(1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), scaling)
     t = torch.arange(max_len, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # "rotate half" layout, as Hugging Face's Llama
     return emb.cos(), emb.sin()
+
+
+def scale_rope(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """RoPE frequencies under model.rope_scaling, as transformers computes them: `linear` divides every frequency
+    by `factor` (position interpolation); `llama3` (Llama 3.1+) divides only the low frequencies, keeps the high
+    ones and blends the band between."""
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -59,9 +78,10 @@ class Attention(nn.Module):
         self.num_heads, self.kv_heads = cfg.num_heads, cfg.kv_heads
         self.head_dim = cfg.hidden_size // cfg.num_heads
         bias = cfg.arch == "gpt"
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        qkv_bias = bias or cfg.qkv_bias  # Qwen2: biased q, k, v; unbiased output projection
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.dropout = cfg.dropout
         self.use_rope = cfg.arch == "llama"
@@ -153,7 +173,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.arch == "llama":
-            cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_activations = False

@@ -1,11 +1,7 @@
 """Megatron-style tensor parallelism applied from outside the model, and the state-dict rules behind it.
 
-Which parameter is split along which dimension (names as in pipeline/model.py):
-
-    column-parallel (dim 0)  attn.{q,k,v}_proj.{weight,bias}, mlp.{gate,up}_proj.{weight,bias}
-    row-parallel    (dim 1)  attn.o_proj.weight, mlp.down_proj.weight   (their biases are replicated)
-    vocab-parallel  (dim 0)  embed_tokens.weight, lm_head.weight        (padded rows; see below)
-    replicated               norms, embed_positions, row-parallel biases
+Which parameter is split along which dimension: the one table in roles.py (column-parallel along dim 0,
+row-parallel along dim 1, vocab-parallel along dim 0 with padded rows, the rest replicated).
 
 Rank r holds the r-th of tp equal contiguous chunks. Query heads and kv heads split alike, so the query heads of
 rank r use exactly the kv heads of rank r under grouped-query attention.
@@ -24,24 +20,11 @@ import torch
 
 from ..config import ModelConfig, padded_vocab_size, resolve_model_defaults
 
-COLUMN = ("attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.k_proj.bias",
-          "attn.v_proj.weight", "attn.v_proj.bias", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-          "mlp.up_proj.bias")
-ROW = ("attn.o_proj.weight", "mlp.down_proj.weight")
-VOCAB = ("embed_tokens.weight", "lm_head.weight")
+from .roles import VOCAB_NAMES as VOCAB, split_dim  # noqa: F401 (the one table of roles)
 
 
 def padded_vocab(cfg: ModelConfig, tp: int) -> int:
     return padded_vocab_size(cfg, tp)
-
-
-def split_dim(name: str) -> int | None:
-    """The dimension along which TP splits this parameter (our model's names), or None if replicated."""
-    if name in VOCAB or name.endswith(COLUMN):
-        return 0
-    if name.endswith(ROW):
-        return 1
-    return None
 
 
 def pad_vocab(t: torch.Tensor, vocab_size: int, rows: int) -> torch.Tensor:
@@ -107,7 +90,7 @@ def materialize(model, module=None, prefix: str = "") -> None:
     source = getattr(model, "init_source", None)
     cfg = model.cfg
     if cfg.arch == "llama" and model.rope_cos.device.type == "meta":
-        cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.hidden_size // cfg.num_heads, cfg.seq_len, cfg.rope_theta, cfg.rope_scaling)
         model._buffers["rope_cos"], model._buffers["rope_sin"] = cos, sin
     done = getattr(model, "_materialized", {})
     model._materialized = done
