@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
-from . import dist
+from . import dist, ds_compat
 from .config import RunConfig
 from .ds_config import build_ds_config
 from .model import build_model, lm_loss, num_params
@@ -64,7 +64,6 @@ def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: st
     dtype, same data-parallel group, same offload settings."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
-    from deepspeed.runtime.zero.utils import is_zero_param
     from torch import nn
 
     from .parallel.tp import materialize
@@ -82,7 +81,7 @@ def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: st
     first = None  # one Init for the whole model (hpZ groups, NVMe swappers: made once), as DeepSpeed's engine does
     for prefix, part in parts:
         materialize(model, part, prefix)
-        fresh = [prm for prm in part.parameters() if not is_zero_param(prm)]
+        fresh = [prm for prm in part.parameters() if not ds_compat.is_zero_param(prm)]
         for prm in fresh:
             if prm.dtype != dtype and prm.is_floating_point():
                 prm.data = prm.data.to(dtype)
@@ -93,7 +92,7 @@ def materialize_partitioned(model, ds_config: dict, dp_group, mpu, precision: st
                                 remote_device=remote, pin_memory=bool(offload.get("pin_memory", False)), mpu=mpu)
             first = fresh[0]
         else:
-            first.convert_to_zero_parameters(param_list=fresh)
+            ds_compat.convert_to_zero_parameters(first, fresh)
     # The engine moves nothing of a partitioned model: the buffers (rope tables) go to the device here.
     device = torch.device(get_accelerator().current_device_name())
     for m in model.modules():
@@ -107,6 +106,8 @@ class TrainEngine:
         import deepspeed
 
         from .parallel.groups import ParallelState
+
+        ds_compat.check_version()
         from .parallel.tp import apply_tp, materialize
 
         self.cfg = cfg
@@ -210,7 +211,7 @@ class TrainEngine:
     @torch.no_grad()
     def weights_finite(self) -> bool:
         """Whether every rank's parameters (its ZeRO-3 partition, TP shard, stage) are finite. Collective."""
-        ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all()) for p in self.engine.module.parameters())
+        ok = all(bool(torch.isfinite(ds_compat.local_data(p)).all()) for p in self.engine.module.parameters())
         flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
         if self.world > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MIN)
@@ -243,9 +244,9 @@ class TrainEngine:
             from .parallel.pipe import pipe_state_to_model
 
             out = {}
-            for i, layer in enumerate(module.forward_funcs):
+            for index, layer in ds_compat.local_pipeline_layers(module):
                 if hasattr(layer, "state_dict"):
-                    out.update(pipe_state_to_model(module._local_start + i, layer.state_dict(), self.cfg.model))
+                    out.update(pipe_state_to_model(index, layer.state_dict(), self.cfg.model))
             return {k: v.detach().cpu().clone() for k, v in out.items()}
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.parallel.zero_stage == 3):

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .ds_compat import full_shape
+
 log = logging.getLogger("pipeline")
 
 
@@ -64,7 +66,7 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in {id(p): p for p in model.parameters()}.values():
         if p.requires_grad:
-            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
+            (no_decay if len(full_shape(p)) < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

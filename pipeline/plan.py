@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -36,25 +37,23 @@ class ParamCounts:
 
 
 def count_params(cfg: RunConfig) -> ParamCounts:
+    """From the model's own parameters (meta device) and the tensor-parallel roles table (parallel/roles.py)."""
+    from .parallel.roles import param_shapes, split_dim
+
     m, tp, pp = cfg.model, cfg.parallel.tp, cfg.parallel.pp
     resolve_model_defaults(m)
-    h, f, L, head = m.hidden_size, m.ffn_hidden_size, m.num_layers, m.hidden_size // m.num_heads
-    vocab = padded_vocab_size(m, tp)
-    gpt = m.arch == "gpt"
-    kv = m.kv_heads * head
-    split = h * h + 2 * h * kv + h * h + (3 if not gpt else 2) * h * f  # sharded over tp
-    split += (h + 2 * kv + f) if gpt else 0                           # column-parallel biases
-    whole = (4 * h + 2 * h) if gpt else 2 * h                          # norms (+ row-parallel biases) on every rank
-    layer_total, layer_rank = split + whole, split // tp + whole
-    embed = vocab * h + (m.seq_len * h if gpt else 0)
-    head_params = 0 if m.tie_embeddings else vocab * h
-    final_norm = 2 * h if gpt else h
-    total = L * layer_total + embed + head_params + final_norm
-    per_stage_layers = -(-L // pp)
-    first = per_stage_layers * layer_rank + embed // tp + (m.seq_len * h if gpt else 0) * (tp - 1) // tp
-    last = per_stage_layers * layer_rank + final_norm + vocab * h // tp  # tied: the last stage keeps a copy
-    per_rank = max(first, last) if pp > 1 else L * layer_rank + embed // tp + head_params // tp + final_norm
-    return ParamCounts(total, per_rank)
+    shapes = param_shapes(m, tp)
+    numel = {k: math.prod(s) for k, s in shapes.items()}
+    on_rank = {k: n // tp if split_dim(k) is not None else n for k, n in numel.items()}
+    total = sum(numel.values())
+    if pp == 1:
+        return ParamCounts(total, sum(on_rank.values()))
+    per_stage_layers = -(-m.num_layers // pp)
+    block = sum(n for k, n in on_rank.items() if k.startswith("layers.0."))
+    first = per_stage_layers * block + sum(n for k, n in on_rank.items() if k.startswith("embed_"))
+    last = per_stage_layers * block + sum(n for k, n in on_rank.items() if k.startswith("norm.")) + \
+        on_rank.get("lm_head.weight", on_rank["embed_tokens.weight"])  # a tied head: the last stage keeps a copy
+    return ParamCounts(total, max(first, last))
 
 
 def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, float]:

@@ -23,12 +23,11 @@ from typing import Callable
 
 import torch
 
+from .. import ds_compat
 from ..config import RunConfig, from_dict, resolve_model_defaults
 from .commit import COMMIT, WEIGHTS_FILE, WEIGHTS_ONLY, resolve_tag
-_ZERO_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
-_ZERO_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_MP_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_LAYER = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+_ZERO_MODEL, _ZERO_OPTIM = ds_compat.ZERO3_MODEL_FILE, ds_compat.ZERO3_OPTIM_FILE
+_MP_MODEL, _LAYER = ds_compat.MODEL_FILE, ds_compat.PIPE_LAYER_FILE
 
 
 def _load(path: str) -> dict:
@@ -86,15 +85,15 @@ def _read_zero3_rank(tag_dir: str, mp: int, model_files: dict, optim_files: dict
     for dp in dps:
         if (dp, mp) not in optim_files:
             raise ValueError(f"{tag_dir}: missing the optimizer file of data-parallel rank {dp}, tensor-parallel rank {mp}")
-        optims.append(_load(optim_files[(dp, mp)])["optimizer_state_dict"])
-    world = optims[0]["partition_count"]
+        optims.append(_load(optim_files[(dp, mp)])[ds_compat.OPTIMIZER_STATE])
+    world = optims[0][ds_compat.PARTITION_COUNT]
     world = max(world) if isinstance(world, list) else world
     if world != len(dps) or dps != list(range(world)):
         raise ValueError(f"{tag_dir}: ZeRO-3 checkpoint of {world} data-parallel ranks, found files of ranks {dps} "
                          f"(tensor-parallel rank {mp}); a shard is missing")
-    groups = [o["fp32_flat_groups"] for o in optims]  # [rank][group] flat fp32 tensors (memory-mapped)
+    groups = [o[ds_compat.FP32_FLAT_GROUPS] for o in optims]  # [rank][group] flat fp32 tensors (memory-mapped)
     thunks, shapes = OrderedDict(), {}
-    for gi, group in enumerate(states[0]["param_shapes"]):
+    for gi, group in enumerate(states[0][ds_compat.PARAM_SHAPES]):
         offset = 0
         for name, shape in group.items():
             numel = math.prod(shape)
@@ -107,13 +106,13 @@ def _read_zero3_rank(tag_dir: str, mp: int, model_files: dict, optim_files: dict
         if offset != groups[0][gi].numel():
             raise ValueError(f"{tag_dir}: ZeRO-3 partition {gi} holds {groups[0][gi].numel()} values per rank, "
                              f"its parameter shapes need {offset}: the checkpoint is inconsistent")
-    for name, shape in (states[0].get("frozen_param_shapes") or {}).items():
+    for name, shape in (states[0].get(ds_compat.FROZEN_PARAM_SHAPES) or {}).items():
         numel = math.prod(shape)
 
         def build_frozen(name=name, numel=numel, shape=tuple(shape)):
-            return torch.cat([s["frozen_param_fragments"][name].reshape(-1) for s in states])[:numel].view(shape)
+            return torch.cat([s[ds_compat.FROZEN_PARAM_FRAGMENTS][name].reshape(-1) for s in states])[:numel].view(shape)
         thunks[name], shapes[name] = build_frozen, tuple(shape)
-    for alias, target in (states[0].get("shared_params") or {}).items():
+    for alias, target in (states[0].get(ds_compat.SHARED_PARAMS) or {}).items():
         if target in thunks:
             thunks[alias], shapes[alias] = thunks[target], shapes[target]
     return LazyStateDict(thunks, shapes)
@@ -217,7 +216,7 @@ def open_checkpoint(ckpt_dir: str, tag: str | None = None) -> tuple[LazyStateDic
         files = _files(tag_dir, _MP_MODEL)
         ranks = []
         for mp in sorted(files):
-            module = _load(files[mp]).get("module")
+            module = _load(files[mp]).get(ds_compat.MODULE)
             if not module:
                 raise ValueError(f"{files[mp]}: holds no module weights")
             ranks.append(_eager(module))

@@ -31,24 +31,18 @@ import sys
 import torch
 
 from ..checkpoint import UNIVERSAL, commit, marker
-from ..checkpoint.read import _LAYER, _MP_MODEL, _ZERO_MODEL, committed_tag, detect_layout, read_run_config
+from .. import ds_compat
+from ..checkpoint.read import committed_tag, detect_layout, read_run_config
 from ..config import validate
 from ..fs import staging_dir
 
 
 def universal_info(cfg) -> dict:
-    """Our tensor-parallel rules in the vocabulary of DeepSpeed's universal-checkpoint converter."""
-    from deepspeed.checkpoint import constants as c
+    """Our tensor-parallel roles (pipeline/parallel/roles.py) in the vocabulary of DeepSpeed's converter."""
+    from ..parallel.roles import REPLICATED, ROW, VOCAB, param_shapes, universal_patterns
 
-    m = cfg.model
-    row = [r".*\.o_proj\.weight$", r".*\.down_proj\.weight$"]
-    replicated = [r".*norm\.weight$"]
-    if m.arch == "gpt":
-        replicated += [r".*norm\.bias$", r".*embed_positions\.weight$", r".*\.o_proj\.bias$", r".*\.down_proj\.bias$"]
-    vocab = [r"(.*\.)?embed_tokens\.weight$"] + ([] if m.tie_embeddings else [r"(.*\.)?lm_head\.weight$"])
-    return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-            c.TP_REPLICATED_PARAMETER_PATTERNS: replicated, c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row,
-            c.VOCABULARY_PARAMETER_PATTERNS: vocab, c.ORIGINAL_VOCAB_SIZE: m.vocab_size}
+    pats = universal_patterns(param_shapes(cfg.model), cfg.model.tie_embeddings)
+    return ds_compat.universal_info(pats[REPLICATED], pats[ROW], pats[VOCAB], cfg.model.vocab_size)
 
 
 def _pipe_renamer(cfg):
@@ -73,12 +67,12 @@ def _prepare_input(src: str, work: str, info: dict) -> None:
     os.makedirs(work)
     for name in os.listdir(src):
         path = os.path.join(src, name)
-        if _ZERO_MODEL.match(name) or _MP_MODEL.match(name):
+        if ds_compat.ZERO3_MODEL_FILE.match(name) or ds_compat.MODEL_FILE.match(name):
             with contextlib.redirect_stdout(sys.stderr):
                 sd = torch.load(path, map_location="cpu", weights_only=False)
-            sd["universal_checkpoint_info"] = info
+            sd[ds_compat.UNIVERSAL_INFO] = info
             torch.save(sd, os.path.join(work, name))
-        elif name.endswith("_optim_states.pt") or _LAYER.match(name):
+        elif name.endswith("_optim_states.pt") or ds_compat.PIPE_LAYER_FILE.match(name):
             os.symlink(os.path.abspath(path), os.path.join(work, name))
 
 

@@ -58,9 +58,9 @@ class ParallelState:
 
     def topology(self):
         """DeepSpeed's topology for PipelineModule, the same layout as these groups."""
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+        from ..ds_compat import topology
 
-        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+        return topology(self.pp, self.tp, self.dp)
 
     # Tensor ("model" in old Megatron) parallel: the groups a TP layer reduces over.
     def get_tensor_model_parallel_rank(self):

@@ -27,24 +27,14 @@ def pipe_layer_to_names(cfg) -> dict[int, dict[str, str]]:
     """{pipeline layer index: {key in that layer's state dict: our model's parameter name}}.
 
     Only layers that own parameters in a checkpoint appear (gpt's tied head does not)."""
-    from ..config import resolve_model_defaults
+    from .roles import param_shapes
 
-    resolve_model_defaults(cfg)
-    gpt, L = cfg.arch == "gpt", cfg.num_layers
-    block_keys = ["input_norm.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
-                  "attn.o_proj.weight", "post_attn_norm.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
-    if gpt:
-        block_keys += ["input_norm.bias", "attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias",
-                       "attn.o_proj.bias", "post_attn_norm.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"]
-    else:
-        block_keys += ["mlp.gate_proj.weight"]
-    out = {0: {"embed_tokens.weight": "embed_tokens.weight"}}
-    if gpt:
-        out[0]["embed_positions.weight"] = "embed_positions.weight"
+    names, L = param_shapes(cfg), cfg.num_layers
+    out = {0: {k: k for k in names if k.startswith("embed_")}}
     for i in range(L):
-        out[i + 1] = {k: f"layers.{i}.{k}" for k in block_keys}
-    out[L + 1] = {"norm.weight": "norm.weight", **({"norm.bias": "norm.bias"} if gpt else {})}
-    if not cfg.tie_embeddings:
+        out[i + 1] = {k[len(f"layers.{i}."):]: k for k in names if k.startswith(f"layers.{i}.")}
+    out[L + 1] = {k: k for k in names if k.startswith("norm.")}
+    if "lm_head.weight" in names:  # a tied head is embed_tokens (named once)
         out[L + 2] = {"lm_head.weight": "lm_head.weight"}
     return out
 
