@@ -97,8 +97,12 @@ def main(argv=None) -> None:
                   f"skipped {m['skipped'] or 'none'}")
         elif args.command == "join":
             from .join import join
+            from .lock import folder_lock
 
-            m = join(args.output)
+            if not os.path.isdir(args.output):
+                raise FileNotFoundError(f"{args.output}: no such folder")
+            with folder_lock(args.output, "`preprocess join`"):
+                m = join(args.output)
             print(f"{args.output}: {len(m['shards'])} shards, {sum(s['documents'] for s in m['shards']):,} documents, "
                   f"{sum(s['tokens'] for s in m['shards']):,} tokens; skipped {m['skipped'] or 'none'}")
         elif args.command == "inspect":
@@ -110,11 +114,15 @@ def main(argv=None) -> None:
             from .demo_corpus import write_demo_corpus
 
             write_demo_corpus(args.output)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        # Under MPI every rank fails with the same message: rank 0 says it once.
+    except (ValueError, OSError) as e:
+        # A user error (bad input, argument or output folder) exits 2; a failure of the machine (a full disk, an
+        # I/O error) exits 1. Under MPI every rank fails with the same message: rank 0 says it once.
+        from .indexed import describe_os_error
+
+        user_error = isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
         if not any(os.environ.get(v, "0") not in ("", "0") for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")):
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            print(f"error: {e if user_error else describe_os_error(e)}", file=sys.stderr)
+        sys.exit(2 if user_error else 1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Both preprocess (writer) and pipeline (reader) go through this module, so the fo
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import struct
@@ -22,6 +24,34 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
           6: np.float64, 7: np.float32, 8: np.uint16}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N, D
+_CHECK_CHUNK = 1 << 22  # index entries checked per numpy pass on open (bounded temporaries)
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Name `path` in an OSError raised inside that names no file: a bare write() that fails with ENOSPC says
+    only "No space left on device", and the user needs to know which disk."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, os.strerror(e.errno), path) from None
+        raise
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError; a full disk is said in words the user can search for."""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device while writing {e.filename or '(unknown file)'}; free space there and re-run"
+    return f"{e.strerror or e}: {e.filename}" if e.filename else str(e)
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -60,7 +90,8 @@ class IndexedWriter:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
         self._tmp = f".tmp.{os.getpid()}"  # per process: two writers of one prefix never mix their bytes
         self._bin_tmp = self.prefix + ".bin" + self._tmp
-        self._bin = open(self._bin_tmp, "wb")
+        with writing(self._bin_tmp):
+            self._bin = open(self._bin_tmp, "wb")
         self._lengths = _Growable(np.int32)
         self._sha = hashlib.sha256()
         self.tokens = 0
@@ -74,7 +105,8 @@ class IndexedWriter:
         if len(lengths) and lengths.max() > np.iinfo(np.int32).max:
             raise ValueError("a document longer than 2^31-1 tokens cannot be indexed")
         data = tokens.tobytes()
-        self._bin.write(data)
+        with writing(self.prefix + ".bin"):
+            self._bin.write(data)
         self._sha.update(data)
         self._lengths.append(lengths.astype(np.int32))
         self.tokens += len(tokens)
@@ -89,30 +121,67 @@ class IndexedWriter:
         return self._sha.hexdigest()
 
     def finalize(self) -> None:
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        with writing(self.prefix + ".bin"):
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
         lengths = self._lengths.view()
         offsets = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:  # int64 arithmetic: no overflow past 2 GiB
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=offsets[1:])
         doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
         idx_tmp = self.prefix + ".idx" + self._tmp
-        with open(idx_tmp, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, CODES[self.dtype], len(lengths), len(doc_idx)))
-            f.write(lengths.astype("<i4").tobytes())
-            f.write(offsets.astype("<i8").tobytes())
-            f.write(doc_idx.astype("<i8").tobytes())
+        idx_sha = hashlib.sha256()
+        with writing(self.prefix + ".idx"), open(idx_tmp, "wb") as f:
+            for part in (_HEADER.pack(MAGIC, VERSION, CODES[self.dtype], len(lengths), len(doc_idx)),
+                         lengths.astype("<i4").tobytes(), offsets.astype("<i8").tobytes(),
+                         doc_idx.astype("<i8").tobytes()):
+                f.write(part)
+                idx_sha.update(part)
             f.flush()
             os.fsync(f.fileno())
+        self.idx_sha256 = idx_sha.hexdigest()
         os.replace(self._bin_tmp, self.prefix + ".bin")
         os.replace(idx_tmp, self.prefix + ".idx")
 
     def abort(self) -> None:
-        self._bin.close()
+        with contextlib.suppress(OSError):  # a full disk fails the flush of buffered bytes too
+            self._bin.close()
         for p in (self._bin_tmp, self.prefix + ".idx" + self._tmp):
             if os.path.exists(p):
                 os.remove(p)
+
+
+def _check_index(idx_path: str, sizes, pointers, doc_idx, itemsize: int) -> None:
+    """What can be checked without the `.bin`'s bytes, in a few numpy passes: sizes >= 0, each pointer the end of
+    the sequence before it (so the sizes sum to the `.bin`, checked by the caller), the document index running
+    from 0 to N without going back. A changed byte in the header, sizes or pointers always fails here; the document
+    index is not read by training (documents are sequences), and `inspect --verify` checks the file's sha256."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{idx_path}: corrupt index ({what}); re-run `preprocess tokenize` to rewrite it")
+
+    n = len(sizes)
+    if n and int(pointers[0]) != 0:
+        raise bad(f"the first sequence starts at byte {int(pointers[0])}, not 0")
+    for a in range(0, n, _CHECK_CHUNK):
+        b = min(a + _CHECK_CHUNK, n)
+        s = sizes[a:b]
+        if (s < 0).any():
+            raise bad(f"sequence {a + int(np.argmax(s < 0))} has a negative length")
+        nxt = pointers[a + 1:b + 1]
+        wrong = (pointers[a:a + len(nxt)] + s[:len(nxt)].astype(np.int64) * itemsize) != nxt
+        if wrong.any():
+            i = a + int(np.argmax(wrong))
+            raise bad(f"sequence {i + 1} starts at byte {int(pointers[i + 1])}, the one before it ends at "
+                      f"{int(pointers[i]) + int(sizes[i]) * itemsize}")
+    d = len(doc_idx)
+    if d == 0 or int(doc_idx[0]) != 0 or int(doc_idx[-1]) != n:
+        raise bad(f"the document index must run from 0 to {n}")
+    for a in range(0, d - 1, _CHECK_CHUNK):
+        b = min(a + _CHECK_CHUNK, d - 1)
+        back = doc_idx[a + 1:b + 1] < doc_idx[a:b]
+        if back.any():
+            raise bad(f"document {a + int(np.argmax(back)) + 1} starts before the one before it")
 
 
 class IndexedDataset:
@@ -144,9 +213,11 @@ class IndexedDataset:
         self.pointers = np.frombuffer(self._idx, dtype="<i8", count=n, offset=off + 4 * n)
         self.document_indices = np.frombuffer(self._idx, dtype="<i8", count=d, offset=off + 12 * n)
         bin_size = os.path.getsize(bin_path)
+        _check_index(idx_path, self.sizes, self.pointers, self.document_indices, self.dtype.itemsize)
         need = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
         if bin_size != need:
-            raise ValueError(f"{bin_path}: {bin_size} bytes, the index needs {need}; the file is truncated or corrupt")
+            raise ValueError(f"{bin_path}: {bin_size} bytes, its index {idx_path} needs {need}; one of them is "
+                             f"truncated or corrupt, re-run `preprocess tokenize`")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_size else np.empty(0, self.dtype)
 
     def __len__(self) -> int:

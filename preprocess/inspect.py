@@ -1,21 +1,12 @@
 """`inspect OUT`: the manifest's summary, decoded documents, and (with --verify) a check of every shard."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
-from .indexed import IndexedDataset
+from .indexed import IndexedDataset, sha256_file
 from .join import read_manifest
 from .plan import load_unit_state, parts_dir
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(output: str, manifest: dict) -> list[str]:
@@ -31,8 +22,9 @@ def verify(output: str, manifest: dict) -> list[str]:
         if len(ds) != s["documents"] or ds.num_tokens != s["tokens"]:
             problems.append(f"{prefix}: {len(ds)} documents and {ds.num_tokens} tokens, the manifest says "
                             f"{s['documents']} and {s['tokens']}")
-        if _sha256(prefix + ".bin") != s["sha256"]:
-            problems.append(f"{prefix}.bin: sha256 differs from the manifest (the file changed or is corrupt)")
+        for ext, key in ((".bin", "sha256"), (".idx", "idx_sha256")):
+            if key in s and sha256_file(prefix + ext) != s[key]:  # idx_sha256: outputs since the second wave
+                problems.append(f"{prefix}{ext}: sha256 differs from the manifest (the file changed or is corrupt)")
     return problems
 
 

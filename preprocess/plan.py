@@ -11,12 +11,16 @@ A piece of a unit is `[input index, start, end]`: byte offsets for a plain JSON-
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 
+from .indexed import writing
+
 UNIT_BYTES = 256 << 20
+FINGERPRINT_BYTES = 1 << 20
 _PLAIN = (".jsonl", ".json")
 
 
@@ -34,10 +38,58 @@ def input_size(path: str) -> int:
         return 0
 
 
+def _files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    return [path]
+
+
+def input_fingerprint(path: str) -> list:
+    """[bytes, mtime_ns, hash of the first and last MiB] of an input (of each file of a folder): an input edited in
+    place, even to the same size, gets another fingerprint, at the cost of reading 2 MiB per file."""
+    h = hashlib.sha256()
+    mtime = 0
+    for name in _files(path):
+        try:
+            st = os.stat(name)
+            with open(name, "rb") as f:
+                head = f.read(FINGERPRINT_BYTES)
+                f.seek(max(st.st_size - FINGERPRINT_BYTES, len(head)))
+                tail = f.read(FINGERPRINT_BYTES)
+        except OSError:  # unreadable: the readers count it as such; its key says so
+            h.update(f"{os.path.relpath(name, path)}:unreadable".encode())
+            continue
+        mtime = max(mtime, st.st_mtime_ns)
+        h.update(f"{os.path.relpath(name, path)}:{st.st_size}:".encode())
+        h.update(head)
+        h.update(tail)
+    return [input_size(path), mtime, h.hexdigest()[:32]]
+
+
 def args_key(paths: list[str], tokenizer_sha256: str, text_key: str, shard_tokens: int, unit_bytes: int) -> dict:
-    """Everything that decides the output bytes; a finished output is reused only for the same key."""
-    return {"inputs": [[p, input_size(p)] for p in paths], "tokenizer_sha256": tokenizer_sha256,
+    """Everything that decides the output bytes; a finished output is reused only for the same key. Each input
+    is `[path, bytes, mtime_ns, fingerprint]` (see input_fingerprint)."""
+    return {"inputs": [[p, *input_fingerprint(p)] for p in paths], "tokenizer_sha256": tokenizer_sha256,
             "text_key": text_key, "shard_tokens": shard_tokens, "unit_bytes": unit_bytes}
+
+
+def key_difference(old: dict, new: dict) -> str:
+    """What differs between two keys, in words (for the refusal message)."""
+    if not isinstance(old, dict):
+        return "made by an older version"
+    old_inputs = {i[0]: i for i in old.get("inputs", [])}
+    for inp in new["inputs"]:
+        was = old_inputs.get(inp[0])
+        if was is not None and was != inp:
+            return f"input {inp[0]} has changed since: its size, modification time or content"
+    if sorted(old_inputs) != sorted(i[0] for i in new["inputs"]):
+        return "other inputs"
+    for k, words in (("tokenizer_sha256", "another tokenizer"), ("text_key", "another --text-key"),
+                     ("shard_tokens", "another --shard-tokens"), ("unit_bytes", "another --unit-bytes"),
+                     ("eod_id", "another --eod-token")):
+        if old.get(k) != new.get(k):
+            return words
+    return "other arguments"
 
 
 def key_hash(key: dict) -> str:
@@ -126,8 +178,13 @@ def write_json_atomic(path: str, obj) -> None:
     """Write to a name unique to this process, then rename: readers never see half a file, and several
     processes (array tasks, ranks) may write the same content at once."""
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with writing(path), open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)

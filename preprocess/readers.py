@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+BOM = "\ufeff"
 SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".jsonl.gz", ".json.gz", ".json.zst", ".parquet", ".txt")
 
 
@@ -117,11 +118,13 @@ def _check_text(text, path: str, line: int) -> Record:
 
 
 def parse_json_line(raw: bytes, text_key: str, path: str, line: int) -> Record:
-    """Decode one JSON line into a Record (shared by readers and tokenizer workers)."""
+    """Decode one JSON line into a Record (shared by readers and tokenizer workers). A UTF-8 byte order mark
+    before the line is dropped: editors put one at the start of a file, and `cat` of such files mid-file."""
     try:
         s = raw.decode("utf-8")
     except UnicodeDecodeError:
         return Record(path, line, None, "invalid_utf8")
+    s = s.removeprefix(BOM)
     try:
         obj = json.loads(s)
     except ValueError:
@@ -167,7 +170,7 @@ def iter_records(path: str, text_key: str = "text") -> Iterator[Record]:
             yield Record(path, 1, None, "unreadable_file")
             return
         try:
-            yield _check_text(raw.decode("utf-8"), path, 1)
+            yield _check_text(raw.decode("utf-8-sig"), path, 1)
         except UnicodeDecodeError:
             yield Record(path, 1, None, "invalid_utf8")
         return

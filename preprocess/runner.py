@@ -113,7 +113,7 @@ class UnitWriter:
         w = self.writer
         w.finalize()
         self.state["shards"].append({"file": self.name, "documents": w.documents, "tokens": w.tokens,
-                                     "sha256": w.sha256})
+                                     "sha256": w.sha256, "idx_sha256": w.idx_sha256})
         self.writer = None
         self._commit(resume)
         kill_point("PREPROCESS_KILL_AFTER_SHARDS")

@@ -14,20 +14,19 @@ import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 
 from . import __version__
-from .indexed import dtype_for_vocab
-from .join import join, read_manifest
-from .plan import UNIT_BYTES, args_key, build_units, parts_dir, write_json_atomic
+from .indexed import describe_os_error, dtype_for_vocab
+from .join import DRAFT, join, read_manifest
+from .lock import folder_lock, unit_locks
+from .manifest import load_manifest
+from .plan import UNIT_BYTES, args_key, build_units, key_difference, parts_dir, write_json_atomic
 from .readers import expand_inputs
 from .runner import BadRecord, run_units  # noqa: F401  (BadRecord is part of this module's API)
 from .tokenizer import describe_tokenizer
 
 log = logging.getLogger("preprocess")
 FORMAT_VERSION = 1
-_SHARD_FILE = re.compile(r"shard_\d+\.(bin|idx)$")
 _MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -59,43 +58,50 @@ def _on_rank0(comm, fn):
     return result
 
 
-def _clear(output: str, old: dict | None) -> None:
-    """Remove a previous output; tolerant of array tasks doing the same at the same moment."""
-    for name in os.listdir(output):
-        if _SHARD_FILE.match(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(output, name))
-    if old and "args" in old:
-        shutil.rmtree(parts_dir(output, old["args"]), ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(output, "manifest.json"))
+def _new_draft(key: dict, tok: dict) -> dict:
+    return {"format_version": FORMAT_VERSION, "version": __version__, "complete": False,
+            "tokenizer": {k: tok[k] for k in ("path", "sha256", "vocab_size", "eod_id")}, "dtype": str(dtype_for_vocab(tok["vocab_size"])), "shards": [],
+            "inputs": [{"path": p, "bytes": b, "documents": 0} for p, b, *_ in key["inputs"]],
+            "skipped": {}, "args": key}
 
 
 def prepare_output(output: str, key: dict, tok: dict, overwrite: bool) -> dict:
-    """The manifest of `output` for these arguments: the existing one, or a new incomplete one."""
+    """The manifest of `output` for these arguments: the complete one, or this run's draft (resumed or new).
+
+    The draft lives in the run's parts folder; it is also written as `output/manifest.json` (complete: false,
+    so that `inspect` shows the progress) unless a complete output is there: that one is replaced only by the
+    join, once the new run has finished, and only with `--overwrite`. An unfinished run with other arguments
+    (one that failed) is no output to protect: its draft is replaced without `--overwrite`.
+    """
     os.makedirs(output, exist_ok=True)
-    path = os.path.join(output, "manifest.json")
-    if os.path.exists(path):
+    top_path = os.path.join(output, "manifest.json")
+    top = None
+    if os.path.exists(top_path):
         try:
-            old = read_manifest(output)
+            top = read_manifest(output)
         except ValueError:
             if not overwrite:
                 raise
-            old = None
-        if old is not None and old.get("args") == key:
-            return old
+    if top is not None and top.get("complete"):
+        if top.get("args") == key:
+            return top
         if not overwrite:
-            raise ValueError(f"{output} holds output of different arguments (inputs, tokenizer, text key, shard "
-                             f"or unit size); pass --overwrite to replace it")
-        log.info("--overwrite: removing the previous output in %s", output)
-        _clear(output, old)
-    tok_entry = {k: tok[k] for k in ("path", "sha256", "vocab_size", "eod_id")}
-    manifest = {"format_version": FORMAT_VERSION, "version": __version__, "complete": False, "tokenizer": tok_entry,
-                "dtype": str(dtype_for_vocab(tok["vocab_size"])), "shards": [],
-                "inputs": [{"path": p, "bytes": b, "documents": 0} for p, b in key["inputs"]],
-                "skipped": {}, "args": key}
-    write_json_atomic(path, manifest)
-    return manifest
+            raise ValueError(f"{output} holds the output of other arguments ({key_difference(top.get('args'), key)}); "
+                             f"pass --overwrite to replace it (it is kept until the new run completes)")
+        log.info("--overwrite: %s is replaced once this run completes", output)
+    elif top is not None and top.get("args") != key:
+        log.info("%s: replacing the manifest of an unfinished run with other arguments", output)
+    parts = parts_dir(output, key)
+    draft_path = os.path.join(parts, DRAFT)
+    if os.path.isfile(draft_path):
+        draft = load_manifest(draft_path, "")
+    else:
+        draft = _new_draft(key, tok)
+        os.makedirs(parts, exist_ok=True)
+        write_json_atomic(draft_path, draft)
+    if (top is None or not top.get("complete")) and top != draft:
+        write_json_atomic(top_path, draft)
+    return draft
 
 
 def _plan(output: str, key: dict, paths: list[str], unit_bytes: int) -> list:
@@ -130,26 +136,36 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, text_key: str = "te
     paths = expand_inputs(inputs)
     tok = describe_tokenizer(tokenizer)
     key = args_key(paths, tok["sha256"], text_key, shard_tokens, unit_bytes)
-    manifest = _on_rank0(comm, lambda: prepare_output(output, key, tok, overwrite))
-    if manifest["complete"]:
-        log.info("%s is already complete for these arguments: nothing to do", output)
-        return manifest
-    units = _on_rank0(comm, lambda: _plan(output, key, paths, unit_bytes))
-    mine = [(u, units[u]) for u in range(rank, len(units), size)]
-    desc = f"tokenize[{rank}/{size}]" if size > 1 else "tokenize"
-    log.info("%s: %d of %d units (%d inputs), %d workers", desc, len(mine), len(units), len(paths), workers)
-    error = None
-    try:
-        run_units(mine, paths, parts_dir(output, key), tok, text_key, manifest["dtype"], shard_tokens, strict,
-                  workers, desc, log_interval)
-    except (ValueError, OSError) as e:
-        if comm is None:
-            raise
-        error = f"rank {rank}: {e}"
-    if part is not None:
-        return {"part": part, "num_parts": num_parts, "units": len(mine), "total_units": len(units)}
-    if comm is not None:
-        errors = [e for e in comm.allgather(error) if e]
-        if errors:
-            raise ValueError(errors[0])
-    return _on_rank0(comm, lambda: join(output))
+    with contextlib.ExitStack() as held:
+        # The folder is held for the whole run: by this process (rank 0 under MPI, which joins only once every
+        # rank is done), or shared by the --part tasks of one array, each of which also holds its own units.
+        if part is None:
+            _on_rank0(comm, lambda: held.enter_context(folder_lock(output, "`preprocess tokenize`")))
+        else:
+            held.enter_context(folder_lock(output, f"`preprocess tokenize --part {part} --num-parts {num_parts}`",
+                                           shared=True))
+        manifest = _on_rank0(comm, lambda: prepare_output(output, key, tok, overwrite))
+        if manifest["complete"]:
+            log.info("%s is already complete for these arguments: nothing to do", output)
+            return manifest
+        units = _on_rank0(comm, lambda: _plan(output, key, paths, unit_bytes))
+        mine = [(u, units[u]) for u in range(rank, len(units), size)]
+        if part is not None:
+            held.enter_context(unit_locks(parts_dir(output, key), [u for u, _ in mine], output))
+        desc = f"tokenize[{rank}/{size}]" if size > 1 else "tokenize"
+        log.info("%s: %d of %d units (%d inputs), %d workers", desc, len(mine), len(units), len(paths), workers)
+        error = None
+        try:
+            run_units(mine, paths, parts_dir(output, key), tok, text_key, manifest["dtype"], shard_tokens, strict,
+                      workers, desc, log_interval)
+        except (ValueError, OSError) as e:
+            if comm is None:
+                raise
+            error = f"rank {rank}: {describe_os_error(e) if isinstance(e, OSError) else e}"
+        if part is not None:
+            return {"part": part, "num_parts": num_parts, "units": len(mine), "total_units": len(units)}
+        if comm is not None:
+            errors = [e for e in comm.allgather(error) if e]
+            if errors:
+                raise ValueError(errors[0])
+        return _on_rank0(comm, lambda: join(output, key))

@@ -102,6 +102,9 @@ def main(argv=None) -> None:
     from ..config import load_config
 
     try:
+        if args.command == "inspect" and (args.step < 0 or args.sample < 0 or args.show_tokens < 0):
+            raise ValueError(f"--step {args.step}, --sample {args.sample}, --show-tokens {args.show_tokens}: "
+                             f"each must be >= 0")
         cfg = load_config(args.config, args.overrides)
         if args.command == "inspect":
             print(inspect(cfg, args.step, args.sample, args.show_tokens))

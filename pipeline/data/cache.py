@@ -16,6 +16,7 @@ Protocol (needs no process group, works across jobs and across nodes):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -76,11 +77,24 @@ def _probe(a: np.ndarray) -> str:
 
 
 @contextlib.contextmanager
+def _writes_to(cache_dir: str):
+    """Turn "permission denied" or "read-only filesystem" in the cache folder into one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise ValueError(f"data.cache_dir {cache_dir}: not writable ({e.strerror}); the index cache is built there "
+                         f"once and then read by every rank: set data.cache_dir to a writable folder") from None
+
+
+@contextlib.contextmanager
 def _build_lock(lock_path: str):
     """Yields True to the one process that should build (it holds the exclusive lock), False to each waiter once
     the builder is done. Waiters wait on a shared lock, so that all of them wake together (not one at a time, as
     a thousand ranks queueing for the exclusive lock would) and read the result in parallel."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    with _writes_to(os.path.dirname(lock_path)):
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,11 +137,13 @@ def _load(base: str, description: dict) -> dict[str, np.ndarray] | None:
 def _build_and_save(base: str, name: str, description: dict, build: Callable[[], dict[str, np.ndarray]]) -> None:
     t0 = time.time()
     built = build()
-    _write_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a)) for key, a in built.items()})
     meta = {"description": description, "built_by": f"{socket.gethostname()}:{os.getpid()}",
             "build_seconds": round(time.time() - t0, 3),
             "arrays": {k: [a.dtype.str, list(a.shape), _probe(a)] for k, a in built.items()}}
-    _write_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
+    with _writes_to(os.path.dirname(base)):
+        _write_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a))
+                       for key, a in built.items()})
+        _write_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
     log.info("built %s index %s in %.2fs", name, base, time.time() - t0)
 
 

@@ -11,31 +11,18 @@ import os
 
 import numpy as np
 
-from preprocess.indexed import IndexedDataset
+from preprocess.indexed import IndexedDataset, sha256_file
+from preprocess.manifest import load_manifest
 
 SHARD_SHIFT = 40  # doc_table packs a shard number (< 2^23) above a token position within it (< 2^40)
 
 
 def read_manifest(folder: str) -> dict:
     path = os.path.join(folder, "manifest.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no manifest; is {folder} the output of `preprocess tokenize`?")
-    with open(path) as f:
-        try:
-            m = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e}); re-run `preprocess tokenize`") from None
+    m = load_manifest(path, f"is {folder} the output of `preprocess tokenize`?")
     if not m.get("complete", True):
         raise ValueError(f"{path}: tokenization is incomplete; re-run the same `preprocess tokenize` command to finish it")
     return m
-
-
-def _file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TokenDocuments:
@@ -55,6 +42,9 @@ class TokenDocuments:
                                      f"re-run `preprocess tokenize`")
                 if "tokens" in s and ds.num_tokens != s["tokens"]:
                     raise ValueError(f"{ds.prefix}.bin: {ds.num_tokens} tokens, the manifest says {s['tokens']}; "
+                                     f"re-run `preprocess tokenize`")
+                if ds.dtype != np.dtype(self.manifest["dtype"]):
+                    raise ValueError(f"{ds.prefix}.idx: dtype {ds.dtype}, the manifest says {self.manifest['dtype']}; "
                                      f"re-run `preprocess tokenize`")
         else:
             self.manifest = None
@@ -115,14 +105,15 @@ class TokenDocuments:
         return self._fingerprint
 
     def verify(self) -> None:
-        """Check every shard's `.bin` against the manifest's sha256 (reads all the data; on request only)."""
+        """Check every shard's `.bin` and `.idx` against the manifest's sha256 (reads all the data; on request)."""
         if not self.manifest:
             return  # a bare prefix: its .bin size was checked against the .idx when it was opened
         for s, ds in zip(self.manifest["shards"], self.shards):
-            got = _file_sha256(ds.prefix + ".bin")
-            if s.get("sha256") and got != s["sha256"]:
-                raise ValueError(f"{ds.prefix}.bin: sha256 {got[:12]}… differs from the manifest's "
-                                 f"{s['sha256'][:12]}…; the shard changed after tokenizing, re-run `preprocess tokenize`")
+            for ext, key in ((".bin", "sha256"), (".idx", "idx_sha256")):
+                got = sha256_file(ds.prefix + ext) if s.get(key) else None
+                if got and got != s[key]:
+                    raise ValueError(f"{ds.prefix}{ext}: sha256 {got[:12]}… differs from the manifest's {s[key][:12]}…; "
+                                     f"the shard changed after tokenizing, re-run `preprocess tokenize`")
 
 
 def check_same_tokenizer(docs: list[TokenDocuments]) -> None:
