@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig, resolve_model_defaults
+from .config import ModelConfig
 
 HF_ARCH = {"llama": "LlamaForCausalLM", "gpt": "GPT2LMHeadModel"}
 
@@ -12,7 +12,6 @@ def hf_config(m: ModelConfig, tok: dict | None):
     """The transformers config object for a model config (special ids from the tokenizer description)."""
     import transformers
 
-    resolve_model_defaults(m)
     ids = {"bos_token_id": (tok or {}).get("bos_id", 1), "eos_token_id": (tok or {}).get("eod_id", 2)}
     if m.arch == "llama":
         cfg = transformers.LlamaConfig(

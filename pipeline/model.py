@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, padded_vocab_size, resolve_model_defaults
+from .config import ModelConfig, padded_vocab_size
 
 
 class RMSNorm(nn.Module):
@@ -154,7 +154,6 @@ class Transformer(nn.Module):
         meta device, any rank can materialise just its own layers and shards, and get the same numbers as here.
         `init_seed` None draws one from torch's generator."""
         super().__init__()
-        resolve_model_defaults(cfg)
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is unset (it is normally taken from the data manifest)")
         self.cfg = cfg
@@ -262,7 +261,6 @@ def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token: 6·N (forward + backward matmuls over the non-embedding parameters N, plus the
     output projection) + 12·L·h·s for attention scores and values (forward 2·2·L·h·s, backward twice that),
     as in the PaLM appendix and torchtitan."""
-    resolve_model_defaults(cfg)
     h, L, s, f = cfg.hidden_size, cfg.num_layers, cfg.seq_len, cfg.ffn_hidden_size
     head_dim = h // cfg.num_heads
     attn = h * h + 2 * h * cfg.kv_heads * head_dim + h * h

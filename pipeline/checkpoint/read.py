@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import ds_compat
-from ..config import RunConfig, from_dict, resolve_model_defaults
+from ..config import RunConfig, from_dict
 from .commit import COMMIT, WEIGHTS_FILE, WEIGHTS_ONLY, resolve_tag
 _ZERO_MODEL, _ZERO_OPTIM = ds_compat.ZERO3_MODEL_FILE, ds_compat.ZERO3_OPTIM_FILE
 _MP_MODEL, _LAYER = ds_compat.MODEL_FILE, ds_compat.PIPE_LAYER_FILE
@@ -163,7 +163,6 @@ def read_run_config(tag_dir: str) -> RunConfig:
     if arch not in ("gpt", "llama"):
         raise ValueError(f"{path}: model.arch '{arch}' is not one this tool knows (gpt, llama)")
     cfg = from_dict(raw)
-    resolve_model_defaults(cfg.model)
     return cfg
 
 

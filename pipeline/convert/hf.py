@@ -25,7 +25,7 @@ import yaml
 
 from ..checkpoint import WEIGHTS_FILE, WEIGHTS_ONLY, commit, tag_for
 from ..checkpoint.read import open_checkpoint
-from ..config import ModelConfig, RunConfig, load_config, resolve_model_defaults
+from ..config import ModelConfig, RunConfig, load_config
 from ..fs import staging_dir
 from .safetensors import DEFAULT_SHARD_BYTES, DTYPES, write_safetensors
 from .tokenizer import save_hf_tokenizer, tokenizer_info
@@ -146,7 +146,6 @@ def _explicit_model_keys(config_path: str) -> dict:
 
 def merged_model_config(hf_model: ModelConfig, run_model: ModelConfig, explicit: dict, config_path: str) -> ModelConfig:
     """The run's model section with the HF shape; refuses keys that the run config sets differently."""
-    resolve_model_defaults(hf_model)
     diffs = []
     for key in _SHAPE_KEYS:
         if key in explicit and explicit[key] is not None and getattr(run_model, key) != getattr(hf_model, key):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig, padded_vocab_size, resolve_model_defaults
+from ..config import ModelConfig, padded_vocab_size
 
 from .roles import VOCAB_NAMES as VOCAB, split_dim  # noqa: F401 (the one table of roles)
 
@@ -43,7 +43,6 @@ def strip_vocab_padding(sd: dict, cfg: ModelConfig) -> dict:
 
 def shard_for_tp(full: dict, cfg: ModelConfig, tp_rank: int, tp: int) -> dict:
     """The state dict TP rank `tp_rank` of `tp` holds, from a full one (vocab unpadded or padded)."""
-    resolve_model_defaults(cfg)
     rows = padded_vocab(cfg, tp)
     out = {}
     for name, t in full.items():
