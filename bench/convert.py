@@ -29,7 +29,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline.config import RunConfig  # noqa: E402
+from pipeline.config import RunConfig, from_dict  # noqa: E402
 from pipeline.model import Transformer  # noqa: E402
 
 MODEL = {"arch": "llama", "num_layers": 24, "hidden_size": 2048, "num_heads": 16, "kv_heads": 16,
@@ -81,10 +81,7 @@ def write_zero1(tag_dir: str, cfg: RunConfig) -> None:
 
 
 def make_checkpoint(work: str, layout: str) -> tuple[str, int]:
-    cfg = RunConfig()
-    for k, v in MODEL.items():
-        setattr(cfg.model, k, v)
-    cfg.data.datasets = [{"path": "unused", "weight": 1.0}]
+    cfg = from_dict({"model": MODEL, "data": {"datasets": [{"path": "unused", "weight": 1.0}]}}, check=False)
     ckpt = os.path.join(work, f"ckpt-{layout}")
     tag_dir = os.path.join(ckpt, "global_step1")
     n = sum(math.prod(s) for s in shapes(cfg).values())

@@ -5,6 +5,7 @@ Every user error raises `ValueError` naming the key at fault and what to do.
 from __future__ import annotations
 
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -33,6 +34,19 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128  # embedding rows padded so that tp shards are equal (Megatron)
 
+    def __post_init__(self):
+        """Fill the arch-dependent defaults once, when the section is built (from_dict builds it from the final
+        values, so an override of hidden_size or arch is seen)."""
+        if self.kv_heads is None:
+            self.kv_heads = self.num_heads
+        if self.tie_embeddings is None:
+            self.tie_embeddings = self.arch == "gpt"
+        if self.ffn_hidden_size is None:
+            if self.arch == "gpt":
+                self.ffn_hidden_size = 4 * self.hidden_size
+            else:
+                self.ffn_hidden_size = 256 * ((int(8 * self.hidden_size / 3) + 255) // 256)
+
 
 @dataclass
 class ParallelConfig:
@@ -45,9 +59,16 @@ class ParallelConfig:
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON; its values win over ours
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of the blend: a `preprocess tokenize` output folder (or a Megatron prefix) and its weight."""
+    path: str
+    weight: float = 1.0
+
+
 @dataclass
 class DataConfig:
-    datasets: list = field(default_factory=list)  # [{path, weight}]
+    datasets: list[DatasetEntry] = field(default_factory=list)  # YAML: [{path, weight}]
     split: str = "98,1,1"
     seed: int = 1234
     cache_dir: str | None = None
@@ -129,32 +150,57 @@ def _coerce(value, hint, key: str):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isnan(number):  # NaN is never a setting: it poisons every comparison
+            return number
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif typing.get_origin(hint) is list or hint is list:
         if isinstance(value, list):
+            if typing.get_args(hint) == (DatasetEntry,):
+                return [_dataset_entry(v, f"{key}[{i}]") for i, v in enumerate(value)]
             return value
     else:
         return value
-    name = getattr(hint, "__name__", str(hint))
+    name = _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
     raise ValueError(f"config key '{key}': expected {name}, got {value!r}")
 
 
-def _apply(section_obj, values: dict, prefix: str) -> None:
-    hints = typing.get_type_hints(type(section_obj))
-    known = {f.name for f in fields(section_obj)}
-    for k, v in values.items():
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _dataset_entry(value, key: str) -> DatasetEntry:
+    """`{path: d, weight: 2}` → DatasetEntry; an unknown key (`wieght`) or a missing path is refused by name."""
+    if isinstance(value, DatasetEntry):
+        return value
+    known = [f.name for f in fields(DatasetEntry)]
+    if not isinstance(value, dict):
+        raise ValueError(f"config key '{key}': expected {{path, weight}}, got {value!r}")
+    for k in value:
         if k not in known:
-            raise ValueError(f"unknown config key '{prefix}{k}' (known in '{prefix.rstrip('.')}': {', '.join(sorted(known))})")
-        setattr(section_obj, k, _coerce(v, hints[k], prefix + k))
+            raise ValueError(f"unknown config key '{key}.{k}' (known: {', '.join(known)})")
+    if value.get("path") in (None, ""):
+        raise ValueError(f"config key '{key}.path' is missing: each dataset is {{path, weight}}")
+    hints = typing.get_type_hints(DatasetEntry)
+    return DatasetEntry(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()})
+
+
+def _build(cls, values: dict, section: str):
+    """One section from its final values: unknown keys and wrong types are refused with the key's name."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for k in values:
+        if k not in known:
+            raise ValueError(f"unknown config key '{section}.{k}' (known in '{section}': {', '.join(sorted(known))})")
+    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
 
 
 def _set_dotted(tree: dict, key: str, value) -> None:
@@ -192,31 +238,21 @@ def load_config(path: str | None, overrides: list[str] | None = None, check: boo
 
 
 def from_dict(*trees: dict, check: bool = True) -> RunConfig:
-    cfg = RunConfig()
-    sections = {f.name for f in fields(cfg)}
+    """Defaults, then each tree in turn (later ones win, key by key); each section is built once from its final
+    values, so the model's arch-dependent defaults are resolved here and nowhere else."""
+    sections = typing.get_type_hints(RunConfig)
+    merged: dict[str, dict] = {name: {} for name in sections}
     for tree in trees:
         for section, values in tree.items():
             if section not in sections:
                 raise ValueError(f"unknown config section '{section}' (known: {', '.join(sorted(sections))})")
             if not isinstance(values, dict):
                 raise ValueError(f"config section '{section}' must be a mapping")
-            _apply(getattr(cfg, section), values, section + ".")
+            merged[section].update(values)
+    cfg = RunConfig(**{name: _build(cls, merged[name], name) for name, cls in sections.items()})
     if check:
         validate(cfg)
     return cfg
-
-
-def resolve_model_defaults(m: ModelConfig) -> None:
-    """Fill the arch-dependent defaults (idempotent)."""
-    if m.kv_heads is None:
-        m.kv_heads = m.num_heads
-    if m.tie_embeddings is None:
-        m.tie_embeddings = m.arch == "gpt"
-    if m.ffn_hidden_size is None:
-        if m.arch == "gpt":
-            m.ffn_hidden_size = 4 * m.hidden_size
-        else:
-            m.ffn_hidden_size = 256 * ((int(8 * m.hidden_size / 3) + 255) // 256)
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
@@ -228,22 +264,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
 def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     """Every reason this configuration cannot run, one sentence each (empty when it can)."""
-    problems = []
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    resolve_model_defaults(m)
+    problems = size_problems(cfg, world_size)
+    if not problems:  # the divisibility rules need every size >= 1
+        problems += _layout_problems(cfg, world_size)
     if m.arch not in ("gpt", "llama"):
         problems.append(f"model.arch: '{m.arch}' is not one of gpt, llama")
     problems += rope_scaling_problems(m.rope_scaling)
-    if m.hidden_size % m.num_heads:
-        problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
-    if m.num_heads % m.kv_heads:
-        problems.append(f"model.num_heads {m.num_heads} is not divisible by model.kv_heads {m.kv_heads}")
-    if m.num_heads % p.tp or m.kv_heads % p.tp:
-        problems.append(f"model.num_heads {m.num_heads} and model.kv_heads {m.kv_heads} must be divisible by parallel.tp {p.tp}")
-    if m.num_layers % p.pp:
-        problems.append(f"model.num_layers {m.num_layers} is not divisible by parallel.pp {p.pp}")
-    if m.make_vocab_size_divisible_by < 1:  # the vocabulary itself never blocks tp: it is padded (Megatron)
-        problems.append("model.make_vocab_size_divisible_by must be >= 1")
     if p.zero_stage not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
     if p.pp > 1 and p.zero_stage >= 2:
@@ -263,8 +290,52 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
                         "in fp32/bf16 a non-finite loss stops the run")
     if t.freeze_layers < 0 or t.freeze_layers > m.num_layers:
         problems.append(f"train.freeze_layers must be between 0 and model.num_layers {m.num_layers}")
-    if t.steps < 1:
-        problems.append(f"train.steps must be >= 1, got {t.steps}")
+    split = split_problem(cfg.data.split)
+    if split:
+        problems.append(split)
+    if not cfg.data.datasets:
+        problems.append("data.datasets is empty: give a list of {path, weight} (a `preprocess tokenize` output folder)")
+    for i, d in enumerate(cfg.data.datasets):
+        if not (math.isfinite(d.weight) and d.weight > 0):
+            problems.append(f"data.datasets[{i}].weight must be a positive number, got {d.weight}")
+    return problems
+
+
+# Sizes that are counts (>= 1) or may be zero (>= 0, where 0 means "off" or "all"); None means "not set".
+AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.kv_heads", "model.ffn_hidden_size",
+                "model.vocab_size", "model.seq_len", "model.make_vocab_size_divisible_by", "parallel.tp",
+                "parallel.pp", "train.steps", "train.global_batch_size", "train.micro_batch_size", "train.eval_iters",
+                "train.dist_timeout_s", "log.interval")
+AT_LEAST_ZERO = ("train.warmup_steps", "train.eval_interval", "train.lr", "train.min_lr", "train.weight_decay",
+                 "train.grad_clip", "checkpoint.interval", "checkpoint.keep", "model.dropout")
+
+
+def size_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
+    """Counts below 1 and amounts below 0 (a zero micro batch divides by zero; a negative one plans negative
+    memory), one sentence each."""
+    problems = []
+    for key in AT_LEAST_ONE + AT_LEAST_ZERO:
+        section, name = key.split(".")
+        value, low = getattr(getattr(cfg, section), name), 1 if key in AT_LEAST_ONE else 0
+        if value is not None and not value >= low:
+            problems.append(f"{key} must be >= {low}, got {value}")
+    if world_size is not None and world_size < 1:
+        problems.append(f"world size must be >= 1, got {world_size}")
+    return problems
+
+
+def _layout_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
+    """Heads, layers and batch against the parallel sizes (every size already >= 1)."""
+    problems = []
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.hidden_size % m.num_heads:
+        problems.append(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
+    if m.num_heads % m.kv_heads:
+        problems.append(f"model.num_heads {m.num_heads} is not divisible by model.kv_heads {m.kv_heads}")
+    if m.num_heads % p.tp or m.kv_heads % p.tp:
+        problems.append(f"model.num_heads {m.num_heads} and model.kv_heads {m.kv_heads} must be divisible by parallel.tp {p.tp}")
+    if m.num_layers % p.pp:
+        problems.append(f"model.num_layers {m.num_layers} is not divisible by parallel.pp {p.pp}")
     if t.global_batch_size % t.micro_batch_size:
         problems.append(f"train.global_batch_size {t.global_batch_size} is not divisible by train.micro_batch_size {t.micro_batch_size}")
     if world_size is not None:
@@ -276,12 +347,20 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
             if t.global_batch_size % (t.micro_batch_size * dp):
                 problems.append(f"train.global_batch_size {t.global_batch_size} is not divisible by "
                                 f"train.micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
-    if not cfg.data.datasets:
-        problems.append("data.datasets is empty: give a list of {path, weight} (a `preprocess tokenize` output folder)")
-    for i, d in enumerate(cfg.data.datasets):
-        if not isinstance(d, dict) or "path" not in d:
-            problems.append(f"data.datasets[{i}]: expected {{path, weight}}, got {d!r}")
     return problems
+
+
+def split_problem(split: str) -> str | None:
+    """Why data.split is unusable ("nan,1,1", "a,b", four parts, all zero), or None."""
+    try:
+        parts = [float(x) for x in str(split).split(",")]
+    except ValueError:
+        return f"data.split '{split}': expected comma-separated numbers like 98,1,1"
+    if len(parts) > 3:
+        return f"data.split '{split}': at most three parts (train, valid, test)"
+    if not all(math.isfinite(x) and x >= 0 for x in parts) or sum(parts) <= 0:
+        return f"data.split '{split}': the parts must be finite, non-negative and not all zero (e.g. 98,1,1)"
+    return None
 
 
 ROPE_SCALING_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),

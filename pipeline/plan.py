@@ -1,7 +1,7 @@
 """`python -m pipeline.plan --config configs/X.yaml [--world-size N] [key=value ...]`: preflight a run.
 
 Prints the parallel layout, batch arithmetic, parameter counts, a per-GPU memory estimate, FLOPs per step and
-the time the run takes at an assumed MFU; exits 1 with one line per problem when the run cannot work. Needs no
+the time the run takes at an assumed MFU; exits 2 with one `error:` line per problem when the run cannot work. Needs no
 GPU, no process group and no data (data checks run when the datasets exist). `pipeline.train` runs the same
 checks before it starts any process group.
 
@@ -23,9 +23,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import RunConfig, find_problems, load_config, padded_vocab_size, resolve_model_defaults
+from .config import RunConfig, find_problems, load_config, padded_vocab_size, size_problems
 from .metrics import PEAK_TFLOPS
-from .model import flops_per_token
 
 GiB = 2**30
 
@@ -41,7 +40,6 @@ def count_params(cfg: RunConfig) -> ParamCounts:
     from .parallel.roles import param_shapes, split_dim
 
     m, tp, pp = cfg.model, cfg.parallel.tp, cfg.parallel.pp
-    resolve_model_defaults(m)
     shapes = param_shapes(m, tp)
     numel = {k: math.prod(s) for k, s in shapes.items()}
     on_rank = {k: n // tp if split_dim(k) is not None else n for k, n in numel.items()}
@@ -84,12 +82,26 @@ def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, fl
     return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts + logits}
 
 
-def plan(cfg: RunConfig, world_size: int, gpu: str, mfu: float, gpu_mem_gib: float | None) -> tuple[list[str], list[str]]:
-    """(report lines, problems). Problems are one sentence each."""
+def gpu_peak(gpu: str) -> float | None:
+    """Dense bf16 peak TFLOPs of `gpu`: a short name ("H100 PCIe", any case or spacing) or a full device name."""
+    def squash(name: str) -> str:
+        return "".join(c for c in name.lower() if c.isalnum())
+    return next((v for k, v in PEAK_TFLOPS.items() if squash(k) in squash(gpu)), None)
+
+
+def plan(cfg: RunConfig, world_size: int, gpu: str = "H100", mfu: float = 0.4,
+         gpu_mem_gib: float | None = None) -> tuple[list[str], list[str]]:
+    """(report lines, problems). Problems are one sentence each; no report when its arithmetic cannot be done."""
+    from .model import flops_per_token  # torch: not needed for --help
+
     problems = find_problems(cfg, world_size)
     m, p, t = cfg.model, cfg.parallel, cfg.train
+    if m.vocab_size is None:
+        problems.append("model.vocab_size is unset: set it, or name a dataset whose manifest gives it")
+    if size_problems(cfg, world_size) or m.vocab_size is None:
+        return [], problems
     mp = p.tp * p.pp
-    if problems and (world_size % mp or m.hidden_size % m.num_heads or m.num_heads % (m.kv_heads or 1)):
+    if problems and (world_size % mp or m.hidden_size % m.num_heads or m.num_heads % m.kv_heads):
         return [], problems
     dp = world_size // mp
     lines = []
@@ -114,8 +126,13 @@ def plan(cfg: RunConfig, world_size: int, gpu: str, mfu: float, gpu_mem_gib: flo
     fpt = flops_per_token(m)
     step_flops = fpt * tokens
     lines.append(f"compute      {fpt / 1e9:.2f} GFLOPs per token, {step_flops / 1e15:.2f} PFLOPs per step")
-    peak = PEAK_TFLOPS.get(gpu.upper())
-    if peak:
+    peak = cfg.log.peak_tflops or gpu_peak(gpu)
+    if not 0 < mfu <= 1:
+        problems.append(f"--mfu must be in (0, 1], got {mfu}")
+    elif not peak:
+        problems.append(f"--gpu {gpu!r}: no peak TFLOPs known (known: {', '.join(PEAK_TFLOPS)}); "
+                        f"name one of those or set log.peak_tflops=N")
+    else:
         step_s = step_flops / (world_size * peak * 1e12 * mfu)
         total_s = step_s * t.steps
         lines.append(f"time         {step_s:.2f} s/step on {world_size} x {gpu} at {100 * mfu:.0f}% MFU "
@@ -131,8 +148,8 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     problems = []
     need = cfg.train.global_batch_size * (cfg.model.seq_len + 1)
     for d in cfg.data.datasets:
-        path = d.get("path") if isinstance(d, dict) else None
-        if not path or not (os.path.exists(path) or os.path.exists(str(path) + ".idx")):
+        path = d.path
+        if not (os.path.exists(path) or os.path.exists(path + ".idx")):
             continue  # planning ahead of the data is allowed; pipeline.train checks existence
         try:
             docs = TokenDocuments(path)
@@ -147,38 +164,70 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def main(argv=None) -> None:
+def _at_least(low: float, kind=int, below_one: bool = False):
+    """An argparse type: a number >= low (> low when low is 0.0), and <= 1 when `below_one`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (value > low if low == 0.0 else value >= low) or (below_one and not value <= 1):
+            bound = f"> {low:g}" if low == 0.0 else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{' and <= 1' if below_one else ''}, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--world-size", type=int, default=None, help="number of GPUs (default: $WORLD_SIZE or 1)")
-    ap.add_argument("--gpu", default="H100", help=f"GPU for the time estimate: {', '.join(PEAK_TFLOPS)}")
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
-    ap.add_argument("--gpu-mem", type=float, default=None, help="GPU memory in GiB; refuse plans above it")
+    ap.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    ap.add_argument("--world-size", type=_at_least(1), default=None,
+                    help="number of GPUs (default: $WORLD_SIZE, else 1)")
+    ap.add_argument("--gpu", default="H100",
+                    help=f"GPU for the time estimate: {', '.join(PEAK_TFLOPS)} (default %(default)s); "
+                         f"log.peak_tflops=N overrides")
+    ap.add_argument("--mfu", type=_at_least(0.0, float, below_one=True), default=0.4,
+                    help="assumed model FLOPs utilisation, in (0, 1] (default %(default)s)")
+    ap.add_argument("--gpu-mem", type=_at_least(0.0, float), default=None, metavar="GiB",
+                    help="GPU memory in GiB; refuse plans above it (default: no limit)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
-    ap.add_argument("overrides", nargs="*", metavar="key=value")
-    args = ap.parse_args(argv)
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. parallel.tp=8")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    """Exit codes: 0 the plan works; 2 it cannot (one `error:` line per problem) or the input is bad; 1 a failure."""
+    args = parse_args(argv)
     try:
+        world = args.world_size if args.world_size is not None else _world_from_env()
         cfg = load_config(args.config, args.overrides, check=False)  # plan lists every problem itself
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = _vocab_from_data(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
     lines, problems = plan(cfg, world, args.gpu, args.mfu, args.gpu_mem)
     if args.json:
         print(json.dumps({"report": lines, "problems": problems}, indent=2))
-    else:
+    elif lines:
         print("\n".join(lines))
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
-    sys.exit(1 if problems else 0)
+    sys.exit(2 if problems else 0)
+
+
+def _world_from_env() -> int:
+    text = os.environ.get("WORLD_SIZE") or "1"
+    if not text.strip().isdigit():
+        raise ValueError(f"$WORLD_SIZE is {text!r}, not a number of GPUs; give --world-size N")
+    return int(text)
 
 
 def _vocab_from_data(cfg: RunConfig) -> int:
     for d in cfg.data.datasets:
-        manifest = os.path.join(str(d.get("path", "")), "manifest.json") if isinstance(d, dict) else ""
+        manifest = os.path.join(d.path, "manifest.json")
         if os.path.isfile(manifest):
             with open(manifest) as f:
                 return json.load(f)["tokenizer"]["vocab_size"]

@@ -33,7 +33,7 @@ def prepare(args):
     from .dist import world_size_from_env
 
     cfg = load_config(args.config, args.overrides)
-    docs = [TokenDocuments(d["path"]) for d in cfg.data.datasets]
+    docs = [TokenDocuments(d.path) for d in cfg.data.datasets]
     if len({d.tokenizer["sha256"] for d in docs if d.tokenizer}) > 1:
         raise ValueError("data.datasets were tokenized with different tokenizers; re-tokenize them with one")
     if cfg.model.vocab_size is None:
@@ -41,6 +41,10 @@ def prepare(args):
             raise ValueError("model.vocab_size is unset and the first dataset has no manifest to take it from")
         cfg.model.vocab_size = docs[0].tokenizer["vocab_size"]
     validate(cfg, world_size_from_env())
+    for key, path, is_dir in (("checkpoint.dir", cfg.checkpoint.dir, True), ("log.jsonl", cfg.log.jsonl, False),
+                              ("log.tensorboard_dir", cfg.log.tensorboard_dir, True)):
+        if path:
+            check_writable(key, path, is_dir)
     if cfg.data.mask_eod_loss and (docs[0].tokenizer or {}).get("eod_id") is None:
         raise ValueError("data.mask_eod_loss needs the EOD id from a dataset manifest")
     if cfg.log.wandb_project:
@@ -53,6 +57,29 @@ def prepare(args):
     if tag is not None:
         checkpoint.check_resumable(cfg, tag, checkpoint.data_fingerprint(docs), world_size_from_env(default=None))
     return cfg, docs, tag
+
+
+def check_writable(key: str, path: str, is_dir: bool) -> None:
+    """Refuse now, in one line, an output the run could not write hours later (at its first log line or save).
+    Creates nothing that stays: an existing file is opened for appending, a folder gets a vanishing probe file."""
+    import tempfile
+
+    path = os.path.abspath(path)
+    try:
+        if os.path.exists(path) and not is_dir:
+            if os.path.isdir(path):
+                raise ValueError(f"{key} {path} is a folder; name a file")
+            open(path, "a").close()
+            return
+        parent = path if is_dir else os.path.dirname(path)
+        while not os.path.exists(parent):  # the run creates the missing folders below the nearest existing one
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{key} {path}: {parent} is a file, not a folder")
+        tempfile.TemporaryFile(dir=parent, prefix=".write-test-").close()
+    except OSError as e:
+        raise ValueError(f"{key} {path} is not writable ({e.strerror or e}): fix its permissions or choose "
+                         f"another path") from None
 
 
 def start(cfg, tag):
@@ -134,9 +161,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         cfg, docs, tag = prepare(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"error: {_describe(e)}", file=sys.stderr)  # the user's input or paths: exit 2
         sys.exit(2)
+    except OSError as e:  # the machine (a full disk, an I/O error): a runtime failure
+        print(f"error: {_describe(e)}", file=sys.stderr)
+        sys.exit(1)
     from . import dist
     from .loop import StopFlag
 
@@ -152,6 +182,13 @@ def main(argv=None) -> None:
         print(f"error: rank {dist.rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # no barrier: the other ranks may be gone; their timeout ends them
     dist.exit_cleanly(code)
+
+
+def _describe(e: Exception) -> str:
+    """One line for an exception: `path: reason` for the OS's errors, else its message."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":

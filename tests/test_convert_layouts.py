@@ -65,7 +65,7 @@ def valid_batches(ckpt_tag_dir):
     from pipeline.data import TokenDocuments, batch_for_rank, build_datasets
 
     cfg = from_dict(json.loads((ckpt_tag_dir / "run_config.json").read_text()))
-    _, valid = build_datasets(cfg, [TokenDocuments(d["path"]) for d in cfg.data.datasets])
+    _, valid = build_datasets(cfg, [TokenDocuments(d.path) for d in cfg.data.datasets])
     return [torch.from_numpy(batch_for_rank(valid, k, cfg.train.global_batch_size, 0, 1))
             for k in range(cfg.train.eval_iters)]
 
@@ -142,7 +142,7 @@ def test_from_hf_starts_a_run_with_frozen_layers(tmp_path, token_dir):
     from pipeline.data import TokenDocuments, batch_for_rank, build_datasets
 
     run = from_dict(json.loads((tmp_path / "ckpt" / "global_step2" / "run_config.json").read_text()))
-    train, _ = build_datasets(run, [TokenDocuments(d["path"]) for d in run.data.datasets])
+    train, _ = build_datasets(run, [TokenDocuments(d.path) for d in run.data.datasets])
     batch = torch.from_numpy(batch_for_rank(train, 0, run.train.global_batch_size, 0, 1))
     with torch.no_grad():
         want = F.cross_entropy(hf(batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten()).item()

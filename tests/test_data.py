@@ -60,7 +60,7 @@ def make_cfg(tmp_path, datasets, steps=20, gbs=8, split="90,5,5", seed=1234, eva
 
 
 def build(cfg):
-    return build_datasets(cfg, [TokenDocuments(d["path"]) for d in cfg.data.datasets])
+    return build_datasets(cfg, [TokenDocuments(d.path) for d in cfg.data.datasets])
 
 
 def global_batches(ds, steps, gbs, dp):

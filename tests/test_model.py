@@ -1,6 +1,7 @@
 """The plain model: shapes, padding, initialisation, checkpointing, FLOPs, and the shipped configs."""
 import glob
 import math
+import os
 
 import pytest
 import torch
@@ -85,5 +86,9 @@ def test_shipped_configs_have_their_named_size(name):
 
 
 def test_every_config_loads():
-    for path in glob.glob(str(ROOT / "configs" / "*.yaml")):
-        load_config(path)
+    """Every shipped config loads and validates (load_config raises on a problem), and the glob found them."""
+    paths = sorted(glob.glob(str(ROOT / "configs" / "*.yaml")))
+    assert {os.path.basename(p)[:-5] for p in paths} >= set(EXPECTED_PARAMS) | {"tiny"}, paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.model.ffn_hidden_size and cfg.model.kv_heads and cfg.data.datasets, path

@@ -1,43 +1,37 @@
-"""Training CLI refuses bad configs with one line naming the problem, before any process group starts."""
+"""Run config parsing and the trainer's small pure pieces. Bad inputs, each refused in one line, are the table in
+test_bad_inputs_pipeline.py."""
 import pytest
 
-from pipeline.config import load_config
-from tests.conftest import run_cli
-
-
-def _err(proc):
-    assert proc.returncode != 0
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
-def test_missing_config(tmp_path):
-    p = run_cli("-m", "pipeline.train", "--config", str(tmp_path / "nope.yaml"), check=False)
-    assert "nope.yaml" in _err(p)
-
-
-def test_unknown_override_key():
-    p = run_cli("-m", "pipeline.train", "--config", "configs/tiny.yaml", "train.stesp=10", check=False)
-    assert "train.stesp" in _err(p)
-
-
-def test_bad_value_type():
-    p = run_cli("-m", "pipeline.train", "--config", "configs/tiny.yaml", "train.steps=many", check=False)
-    assert "train.steps" in _err(p)
-
-
-def test_missing_dataset(tmp_path):
-    p = run_cli("-m", "pipeline.train", "--config", "configs/tiny.yaml",
-                f"data.datasets=[{{path: {tmp_path / 'none'}, weight: 1}}]", check=False)
-    assert "none" in _err(p)
+from pipeline.config import DatasetEntry, load_config
 
 
 def test_overrides_parse_lists_and_scalars(tmp_path):
     cfg = load_config("configs/tiny.yaml", ["train.steps=7", "data.datasets=[{path: d1, weight: 2}]",
                                             "train.lr=1e-3"])
     assert cfg.train.steps == 7 and cfg.train.lr == 1e-3
-    assert cfg.data.datasets == [{"path": "d1", "weight": 2}]
+    assert cfg.data.datasets == [DatasetEntry("d1", 2.0)]
+    assert load_config("configs/tiny.yaml", ["data.datasets=[{path: d1}]"]).data.datasets[0].weight == 1.0
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ([], {"kv_heads": 2, "ffn_hidden_size": 384, "tie_embeddings": False}),  # tiny.yaml: llama, h128, kv 2
+    (["model.hidden_size=256", "model.ffn_hidden_size=null"], {"ffn_hidden_size": 768}),  # 8h/3 up to 256
+    (["model.arch=gpt", "model.kv_heads=null", "model.ffn_hidden_size=null"],
+     {"kv_heads": 4, "ffn_hidden_size": 512, "tie_embeddings": True}),
+    (["model.ffn_hidden_size=100"], {"ffn_hidden_size": 100}),
+])
+def test_model_defaults_are_resolved_once_from_the_final_values(overrides, expected):
+    """load_config resolves the arch-dependent defaults; nothing downstream fills them in again."""
+    m = load_config("configs/tiny.yaml", overrides).model
+    assert {k: getattr(m, k) for k in expected} == expected
+
+
+def test_config_round_trips_through_its_dict():
+    """A checkpoint's run_config.json (to_dict) loads back into the same config, dataset entries included."""
+    from pipeline.config import from_dict
+
+    cfg = load_config("configs/tiny.yaml", ["data.datasets=[{path: a, weight: 3}, {path: b}]"])
+    assert from_dict(cfg.to_dict()) == cfg
 
 
 def test_zero3_with_pipeline_refused():

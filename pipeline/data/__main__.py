@@ -15,7 +15,7 @@ import numpy as np
 def _docs(cfg):
     from .documents import TokenDocuments
 
-    return [TokenDocuments(d["path"]) for d in cfg.data.datasets]
+    return [TokenDocuments(d.path) for d in cfg.data.datasets]
 
 
 def _decoder(docs):
@@ -55,7 +55,7 @@ def inspect(cfg, step: int, sample: int, show_tokens: int) -> str:
     out = [f"index cache: {default_cache_dir(cfg)}", "datasets:"]
     for d, spec in zip(docs, cfg.data.datasets):
         tok = d.tokenizer or {}
-        out.append(f"  {d.path}: weight {spec.get('weight', 1.0)}, {len(d)} documents, {d.num_tokens} tokens, "
+        out.append(f"  {d.path}: weight {spec.weight}, {len(d)} documents, {d.num_tokens} tokens, "
                    f"{len(d.shards)} shard(s), dtype {d.dtype}, vocab {tok.get('vocab_size', '?')}, "
                    f"eod {tok.get('eod_id', '?')}")
     train = build_split(cfg, docs, "train", t.steps * t.global_batch_size)

@@ -163,7 +163,7 @@ def build_split(cfg, docs: list[TokenDocuments], which: str, num_samples: int):
     """The blend of split `which` of every dataset in cfg.data.datasets (None when no dataset has that split)."""
     check_same_tokenizer(docs)
     seq_len, seed, split, cache_dir = cfg.model.seq_len, cfg.data.seed, cfg.data.split, default_cache_dir(cfg)
-    weights = [float(d.get("weight", 1.0)) for d in cfg.data.datasets]
+    weights = [d.weight for d in cfg.data.datasets]
     ix.normalize_weights(weights)
     split_id = ix.SPLITS.index(which)
     present = [k for k, d in enumerate(docs) if np.diff(ix.split_ranges(len(d), split)[split_id])[0] > 0]
