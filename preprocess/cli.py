@@ -15,12 +15,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m preprocess", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on a sample of the corpus")
+    t = sub.add_parser("train-tokenizer", help="train a tokenizer (SentencePiece or byte-level BPE) on a sample of "
+                       "the corpus")
     t.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (.jsonl .json .jsonl.zst "
                    ".jsonl.gz .parquet .txt, save_to_disk folders)")
-    t.add_argument("--output", required=True, help="folder for tokenizer.model")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    t.add_argument("--output", required=True, help="folder for tokenizer.model (bpe, unigram) or for the Hugging "
+                   "Face tokenizer files (byte-bpe)")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special tokens included")
+    t.add_argument("--model-type", choices=["bpe", "unigram", "byte-bpe"], default="bpe",
+                   help="bpe/unigram: SentencePiece with byte fallback (tokenizer.model); byte-bpe: GPT-2-style "
+                   "byte-level BPE with <|endoftext|>, a folder transformers.AutoTokenizer loads")
     t.add_argument("--text-key", default="text", help="JSON field holding the text; dots reach into objects")
     t.add_argument("--sample-docs", type=int, default=100_000, help="documents sampled uniformly over all inputs")
     t.add_argument("--seed", type=int, default=1234)
@@ -33,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         "and rank 0 writes the manifest. In a Slurm array, give each task --part $SLURM_ARRAY_TASK_ID "
         "--num-parts $SLURM_ARRAY_TASK_COUNT, then run `python -m preprocess join OUT` once all tasks are done.")
     k.add_argument("inputs", nargs="+", metavar="INPUT")
-    k.add_argument("--tokenizer", required=True, help="path to tokenizer.model")
+    k.add_argument("--tokenizer", required=True, help="a SentencePiece tokenizer.model, a Hugging Face "
+                   "tokenizer.json, or a folder that transformers.AutoTokenizer loads")
+    k.add_argument("--eod-token", help="the token appended to every document (default: the tokenizer's EOS, "
+                   "e.g. <|endoftext|>); needed for a tokenizer without one")
     k.add_argument("--output", required=True, help="output folder (shards + manifest.json)")
     k.add_argument("--text-key", default="text", help="JSON field holding the text; dots reach into objects")
     k.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
@@ -83,7 +90,7 @@ def main(argv=None) -> None:
 
             m = tokenize(args.inputs, args.tokenizer, args.output, args.text_key, args.workers,
                          args.shard_tokens, args.strict, args.overwrite, args.part, args.num_parts, args.unit_bytes,
-                         args.log_interval)
+                         args.log_interval, eod_token=args.eod_token)
             if "part" in m:
                 print(f"{args.output}: part {m['part']} of {m['num_parts']} done ({m['units']} of "
                       f"{m['total_units']} units); run `python -m preprocess join {args.output}` after all parts")

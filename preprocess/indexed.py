@@ -55,8 +55,9 @@ def describe_os_error(e: OSError) -> str:
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
-    """uint16 when every id (added tokens included) fits below 65,536, else int32 (Megatron's rule)."""
-    return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.int32)
+    """uint16 for a vocabulary (added tokens included) below 65,500, else int32: Megatron-core's rule
+    (`DType.optimal_dtype`), so that its tools and ours pick the same dtype for the same tokenizer."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
 class _Growable:

@@ -69,15 +69,15 @@ def inspect(output: str, docs: int = 0, check: bool = False) -> bool:
               f"{' shards OK' if not problems else f' ({len(problems)} problems)'}")
         ok = not problems
     if docs:
-        import sentencepiece as spm
+        from .tokenizer import decoder
 
-        sp = spm.SentencePieceProcessor(model_file=m["tokenizer"]["path"])
+        decode = decoder(m["tokenizer"])
         shown = 0
         for s in m["shards"]:
             ds = IndexedDataset(os.path.join(output, s["name"]))
             for j in range(min(len(ds), docs - shown)):
                 print(f"--- document {shown} ({len(ds[j])} tokens)")
-                print(sp.decode([int(t) for t in ds[j]]))
+                print(decode(ds[j]))
                 shown += 1
             if shown >= docs:
                 break

@@ -198,7 +198,7 @@ def run_units(units, paths, parts, tok, text_key, dtype, shard_tokens, strict, w
     total = sum((e if e >= 0 else os.path.getsize(paths[i]) if os.path.isfile(paths[i]) else 0) - s
                 for _, pieces in todo for i, s, e in pieces)
     progress = Progress(total, desc, log_interval)
-    init_args = (tok["path"], tok["eod_id"], text_key, np.dtype(dtype).str)
+    init_args = (tok, text_key, np.dtype(dtype).str)
     pool = get_context("spawn").Pool(workers, init_worker, init_args) if workers > 1 else None
     if pool is None:
         init_worker(*init_args)

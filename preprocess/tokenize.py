@@ -23,7 +23,7 @@ from .manifest import load_manifest
 from .plan import UNIT_BYTES, args_key, build_units, key_difference, parts_dir, write_json_atomic
 from .readers import expand_inputs
 from .runner import BadRecord, run_units  # noqa: F401  (BadRecord is part of this module's API)
-from .tokenizer import describe_tokenizer
+from .tokenizer import describe_tokenizer, manifest_entry
 
 log = logging.getLogger("preprocess")
 FORMAT_VERSION = 1
@@ -60,7 +60,7 @@ def _on_rank0(comm, fn):
 
 def _new_draft(key: dict, tok: dict) -> dict:
     return {"format_version": FORMAT_VERSION, "version": __version__, "complete": False,
-            "tokenizer": {k: tok[k] for k in ("path", "sha256", "vocab_size", "eod_id")}, "dtype": str(dtype_for_vocab(tok["vocab_size"])), "shards": [],
+            "tokenizer": manifest_entry(tok), "dtype": str(dtype_for_vocab(tok["vocab_size"])), "shards": [],
             "inputs": [{"path": p, "bytes": b, "documents": 0} for p, b, *_ in key["inputs"]],
             "skipped": {}, "args": key}
 
@@ -118,7 +118,8 @@ def _plan(output: str, key: dict, paths: list[str], unit_bytes: int) -> list:
 
 def tokenize(inputs: list[str], tokenizer: str, output: str, text_key: str = "text", workers: int = 1,
              shard_tokens: int = 1 << 30, strict: bool = False, overwrite: bool = False, part: int | None = None,
-             num_parts: int | None = None, unit_bytes: int = UNIT_BYTES, log_interval: float = 30.0) -> dict:
+             num_parts: int | None = None, unit_bytes: int = UNIT_BYTES, log_interval: float = 30.0,
+             eod_token: str | None = None) -> dict:
     """Tokenize `inputs` into `output`; returns the manifest (for `part`, a summary of the part).
 
     Resumes an interrupted run given the same arguments; refuses an output made with others unless `overwrite`.
@@ -134,8 +135,10 @@ def tokenize(inputs: list[str], tokenizer: str, output: str, text_key: str = "te
     comm = mpi_world() if part is None else None
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm else (part or 0, num_parts or 1)
     paths = expand_inputs(inputs)
-    tok = describe_tokenizer(tokenizer)
+    tok = describe_tokenizer(tokenizer, eod_token)
     key = args_key(paths, tok["sha256"], text_key, shard_tokens, unit_bytes)
+    if eod_token is not None:  # another EOD gives other bytes (the key without it stays as older outputs have it)
+        key["eod_id"] = tok["eod_id"]
     with contextlib.ExitStack() as held:
         # The folder is held for the whole run: by this process (rank 0 under MPI, which joins only once every
         # rank is done), or shared by the --part tasks of one array, each of which also holds its own units.

@@ -13,30 +13,47 @@ line's start offset (turned into a line number only when an error is reported).
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 
 from .readers import parse_json_line
 
 # Documents longer than this many characters are encoded piecewise, cut at single spaces between words, which
-# gives the same ids as one call (SentencePiece never merges across a word boundary) without building a Python
-# list of tens of millions of ints.
+# gives the same ids as one call (SentencePiece never merges across a word boundary; an HF tokenizer's
+# pre-tokenizer splits there, checked at each cut) without building a Python list of tens of millions of ints.
 HUGE_CHARS = 1 << 20
+_CUT_WINDOW = 256  # characters each side of a cut that are encoded whole and in two to check the cut
 
-_sp = None
+_sp = None  # a SentencePieceProcessor, or
+_hf = None  # a tokenizers.Tokenizer
+_hf_around = None  # the ids its post-processor puts before and after a text (None: not a plain prefix/suffix)
 _eod = 0
 _add_eos = False
 _dtype = np.dtype(np.uint16)
 _text_key = "text"
 
 
-def init_worker(model_path: str, eod_id: int, text_key: str, dtype: str) -> None:
-    global _sp, _eod, _add_eos, _dtype, _text_key
+def init_worker(tok: dict, text_key: str, dtype: str) -> None:
+    """Load the tokenizer `tok` (describe_tokenizer's dict) in this worker process."""
+    global _sp, _hf, _hf_around, _eod, _add_eos, _dtype, _text_key
+    _eod, _text_key, _dtype = tok["eod_id"], text_key, np.dtype(dtype)
+    if tok.get("kind") == "hf":
+        # One thread per worker: --workers is the parallelism (the Rust thread pool would oversubscribe the CPUs).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from tokenizers import Tokenizer
+
+        from .hf_tokenizer import specials_around
+
+        _sp, _hf = None, Tokenizer.from_str(tok["backend"])
+        _hf.no_truncation()  # as `tokenizer(text)` does: a tokenizer.json may carry truncation or padding
+        _hf.no_padding()
+        _hf_around = specials_around(_hf)
+        return
     import sentencepiece as spm
 
-    _sp = spm.SentencePieceProcessor(model_file=model_path)
-    _eod, _text_key, _dtype = eod_id, text_key, np.dtype(dtype)
-    _add_eos = _sp.eos_id() == eod_id
+    _hf, _sp = None, spm.SentencePieceProcessor(model_file=tok["path"])
+    _add_eos = _sp.eos_id() == _eod
 
 
 def _word_gap(text: str, lo: int, hi: int) -> int:
@@ -67,7 +84,37 @@ def _segments(text: str, size: int):
     yield text[start:]
 
 
+def _hf_cut_ok(text: str, j: int) -> bool:
+    """Whether the HF tokenizer gives the same ids for the text around `j` whole and cut at `j`."""
+    a, b = text[max(0, j - _CUT_WINDOW):j], text[j:j + _CUT_WINDOW]
+    whole = _hf.encode(a + b, add_special_tokens=False).ids
+    return whole == _hf.encode(a, add_special_tokens=False).ids + _hf.encode(b, add_special_tokens=False).ids
+
+
+def _hf_segments(text: str, size: int):
+    """Cut `text` into pieces of about `size` characters just before the space of a word gap (byte-level BPE
+    pre-tokenizers attach the space to the next word), at cuts that pass _hf_cut_ok; the rest stays whole."""
+    start, n = 0, len(text)
+    while n - start > size:
+        j, tries = _word_gap(text, start + size, min(n - 1, start + 2 * size)), 0
+        while j >= 0 and tries < 16 and not _hf_cut_ok(text, j):
+            j, tries = _word_gap(text, j + 1, min(n - 1, start + 2 * size)), tries + 1
+        if j < 0 or tries == 16:
+            break
+        yield text[start:j]
+        start = j
+    yield text[start:]
+
+
 def _encode_huge(text: str) -> np.ndarray:
+    if _hf is not None:
+        if _hf_around is None:  # a post-processor that is not a plain prefix/suffix: encode in one call
+            return np.asarray(_hf.encode(text).ids + [_eod], dtype=_dtype)
+        parts = [np.asarray(_hf_around[0], dtype=_dtype)]
+        parts += [np.asarray(_hf.encode(seg, add_special_tokens=False).ids, dtype=_dtype)
+                  for seg in _hf_segments(text, HUGE_CHARS)]
+        parts.append(np.asarray(_hf_around[1] + [_eod], dtype=_dtype))
+        return np.concatenate(parts)
     parts = [np.asarray(_sp.encode(seg), dtype=_dtype) for seg in _segments(text, HUGE_CHARS)]
     parts.append(np.array([_eod], dtype=_dtype))
     return np.concatenate(parts)
@@ -85,8 +132,14 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
                 arrays.append(flat)
         lengths = np.fromiter((len(a) for a in arrays), np.int64, count=len(arrays))
         return (np.concatenate(arrays) if arrays else np.empty(0, _dtype)), lengths
-    ids = _sp.encode(texts, add_eos=_add_eos, num_threads=1)
-    if not _add_eos:
+    if _hf is not None:
+        # What `tokenizer(text)["input_ids"]` gives (post-processor specials included), in one Rust call.
+        ids = [e.ids for e in _hf.encode_batch_fast(texts, add_special_tokens=True)]
+        add_eod = True
+    else:
+        ids = _sp.encode(texts, add_eos=_add_eos, num_threads=1)
+        add_eod = not _add_eos
+    if add_eod:
         for doc in ids:
             doc.append(_eod)
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))

@@ -35,9 +35,9 @@ def test_idx_layout_field_by_field(tmp_path, dtype, code):
     assert [ds[i].tolist() for i in range(3)] == [x.tolist() for x in docs]
 
 
-def test_dtype_rule():
-    assert dtype_for_vocab(65535) == np.uint16
-    assert dtype_for_vocab(65536) == np.int32
+def test_dtype_rule():  # Megatron-core's DType.optimal_dtype: uint16 below 65,500
+    assert dtype_for_vocab(65499) == np.uint16
+    assert dtype_for_vocab(65500) == dtype_for_vocab(65535) == np.int32
 
 
 def test_unfinalized_writer_leaves_no_complete_pair(tmp_path):
