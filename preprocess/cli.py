@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -9,6 +10,8 @@ import sys
 from .plan import UNIT_BYTES
 
 log = logging.getLogger("preprocess")
+# OSErrors about a path the user gave (missing, not a folder, not writable); the others (a full disk, I/O) are not
+_USER_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                    "ranges of this size; shards never span units (default 256 MiB)")
     k.add_argument("--strict", action="store_true", help="stop at the first bad record (file:line: reason) "
                    "instead of skipping and counting it")
-    k.add_argument("--overwrite", action="store_true", help="replace output made with different arguments")
+    k.add_argument("--overwrite", action="store_true", help="replace output made with different arguments (or "
+                   "from inputs changed since); the old output stays until the new run has completed")
     k.add_argument("--log-interval", type=float, default=30.0, metavar="SECONDS",
                    help="when stderr is not a terminal (batch jobs), log progress this often (a terminal gets a bar)")
     k.add_argument("--part", type=int, help="do only part I of the units (0-based; with --num-parts); "
@@ -126,9 +130,10 @@ def main(argv=None) -> None:
         # I/O error) exits 1. Under MPI every rank fails with the same message: rank 0 says it once.
         from .indexed import describe_os_error
 
-        user_error = isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
+        user_error = isinstance(e, (ValueError, FileNotFoundError)) or e.errno in _USER_ERRNOS
         if not any(os.environ.get(v, "0") not in ("", "0") for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK")):
-            print(f"error: {e if user_error else describe_os_error(e)}", file=sys.stderr)
+            print(f"error: {e if isinstance(e, ValueError) or e.errno is None else describe_os_error(e)}",
+                  file=sys.stderr)
         sys.exit(2 if user_error else 1)
 
 

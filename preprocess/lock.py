@@ -23,6 +23,8 @@ import os
 import socket
 import time
 
+from .indexed import writing
+
 log = logging.getLogger("preprocess")
 LOCK_NAME = ".lock"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -74,8 +76,7 @@ def _is_stale(info: dict | None) -> bool:
 def _busy(folder: str, info: dict | None, lock_file: str | None = None) -> FolderBusy:
     hint = (f"; if that process is gone, delete {lock_file}" if lock_file and info and
             info.get("host") != socket.gethostname() else "")
-    return FolderBusy(f"{folder} is in use by {_describe(info)}; wait for it to finish or choose another "
-                      f"--output{hint}")
+    return FolderBusy(f"{folder} is in use by {_describe(info)}; wait for it to finish{hint}")
 
 
 def _take_over(path: str, info: dict) -> None:
@@ -140,6 +141,8 @@ def _file_lock(folder: str, shared: bool, info: dict):
 def folder_lock(folder: str, what: str, shared: bool = False):
     """Hold `folder` for the life of the `with`, or raise FolderBusy naming the holder. `what` names this run
     in the message another run will get (e.g. "`preprocess tokenize`")."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder (the output is a folder of shards and manifest.json)")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     info = _me(what)
@@ -158,10 +161,9 @@ def folder_lock(folder: str, what: str, shared: bool = False):
             return
         # A process on a client without flock holds the folder by a lock file: respect it (one stat when none).
         _check_lock_files(folder, shared)
-        data = json.dumps(info).encode()
-        if not shared:
+        with writing(path):  # shared holders overwrite each other: a refusal then names one of them
             os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)  # shared holders may overwrite each other: the message then names one of them
+            os.pwrite(fd, json.dumps(info).encode(), 0)
         try:
             yield
         finally:
