@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import RunConfig, find_problems, load_config, padded_vocab_size, size_problems
+from .config import RunConfig, find_problems, load_config, padded_vocab_size, size_problems, split_problem
 from .metrics import PEAK_TFLOPS
 
 GiB = 2**30
@@ -138,7 +138,8 @@ def plan(cfg: RunConfig, world_size: int, gpu: str = "H100", mfu: float = 0.4,
         lines.append(f"time         {step_s:.2f} s/step on {world_size} x {gpu} at {100 * mfu:.0f}% MFU "
                      f"({peak:.0f} TFLOPs peak); {t.steps:,} steps = {total_s / 3600:.1f} h = {total_s / 86400:.1f} days "
                      f"for {t.steps * tokens / 1e9:.1f} B tokens")
-    problems += _data_problems(cfg)
+    if not split_problem(cfg.data.split):  # else the split is already a problem
+        problems += _data_problems(cfg)
     return lines, problems
 
 
