@@ -91,13 +91,13 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("inspect", help="datasets, epochs, samples per split, blend shares, a decoded sample")
     i.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    i.add_argument("--step", type=int, default=0, help="global batch (training step) to show a sample of")
-    i.add_argument("--sample", type=int, default=0, help="position of the sample within that global batch")
-    i.add_argument("--show-tokens", type=int, default=32, help="how many token ids to print")
+    i.add_argument("--step", type=int, default=0, help="global batch (training step) to show a sample of (default %(default)s)")
+    i.add_argument("--sample", type=int, default=0, help="position of the sample within that global batch (default %(default)s)")
+    i.add_argument("--show-tokens", type=int, default=32, help="how many token ids to print (default %(default)s)")
     i.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.seq_len=2048")
     v = sub.add_parser("verify", help="check every shard's .bin against the manifest's sha256")
     v.add_argument("--config", required=True, help="run config YAML (see configs/)")
-    v.add_argument("overrides", nargs="*", metavar="key=value")
+    v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. data.split=90,5,5")
     args = p.parse_args(argv)
     from ..config import load_config
 
