@@ -24,7 +24,7 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
           6: np.float64, 7: np.float32, 8: np.uint16}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, N, D
-_CHECK_CHUNK = 1 << 22  # index entries checked per numpy pass on open (bounded temporaries)
+_CHECK_CHUNK = 1 << 18  # index entries checked per numpy pass on open
 
 
 @contextlib.contextmanager
@@ -164,23 +164,27 @@ def _check_index(idx_path: str, sizes, pointers, doc_idx, itemsize: int) -> None
     n = len(sizes)
     if n and int(pointers[0]) != 0:
         raise bad(f"the first sequence starts at byte {int(pointers[0])}, not 0")
-    for a in range(0, n, _CHECK_CHUNK):
-        b = min(a + _CHECK_CHUNK, n)
-        s = sizes[a:b]
-        if (s < 0).any():
-            raise bad(f"sequence {a + int(np.argmax(s < 0))} has a negative length")
-        nxt = pointers[a + 1:b + 1]
-        wrong = (pointers[a:a + len(nxt)] + s[:len(nxt)].astype(np.int64) * itemsize) != nxt
-        if wrong.any():
-            i = a + int(np.argmax(wrong))
+    if n and int(sizes.min()) < 0:
+        raise bad(f"sequence {int(np.argmin(sizes))} has a negative length")
+    # pointers[i + 1] == pointers[i] + sizes[i] * itemsize, in chunks with reused buffers: whole-array temporaries
+    # would cost more in page faults than the arithmetic
+    ends = np.empty(min(_CHECK_CHUNK, n), np.int64)
+    same = np.empty(len(ends), bool)
+    for a in range(0, n - 1, _CHECK_CHUNK):
+        k = min(_CHECK_CHUNK, n - 1 - a)
+        np.multiply(sizes[a:a + k], itemsize, out=ends[:k], dtype=np.int64)
+        ends[:k] += pointers[a:a + k]
+        np.equal(ends[:k], pointers[a + 1:a + 1 + k], out=same[:k])
+        if not same[:k].all():
+            i = a + int(np.argmin(same[:k]))
             raise bad(f"sequence {i + 1} starts at byte {int(pointers[i + 1])}, the one before it ends at "
                       f"{int(pointers[i]) + int(sizes[i]) * itemsize}")
     d = len(doc_idx)
     if d == 0 or int(doc_idx[0]) != 0 or int(doc_idx[-1]) != n:
         raise bad(f"the document index must run from 0 to {n}")
     for a in range(0, d - 1, _CHECK_CHUNK):
-        b = min(a + _CHECK_CHUNK, d - 1)
-        back = doc_idx[a + 1:b + 1] < doc_idx[a:b]
+        k = min(_CHECK_CHUNK, d - 1 - a)
+        back = doc_idx[a + 1:a + 1 + k] < doc_idx[a:a + k]
         if back.any():
             raise bad(f"document {a + int(np.argmax(back)) + 1} starts before the one before it")
 
