@@ -280,7 +280,8 @@ def test_two_tokenize_runs_on_one_output(multi_corpus, tokenizer_model, multi_re
     out = tmp_path / "o"
     first = subprocess.Popen(_tokenize_cmd(multi_corpus, tokenizer_model, out), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    while first.poll() is None and not (out / ".lock").exists() or not (out / ".lock").read_bytes():
+    lock = out / ".lock"
+    while not (lock.exists() and lock.read_bytes()):  # the holder's description is written once it holds the lock
         assert first.poll() is None, first.stderr.read()
         time.sleep(0.002)
     first.send_signal(signal.SIGSTOP)  # holds the lock, mid-run, for as long as the second one needs
@@ -295,6 +296,15 @@ def test_two_tokenize_runs_on_one_output(multi_corpus, tokenizer_model, multi_re
     assert first.returncode == 0, err[-3000:]
     assert shard_bytes(out) == shard_bytes(multi_reference)
     assert (out / ".lock").read_bytes() == b""  # released
+
+
+def test_mpi_run_refused_once_while_held(ctx):
+    """Rank 0 takes the lock for the whole MPI run; refused, every rank stops and rank 0 alone says why."""
+    holder = ctx.hold("run")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "mpirun"), "-n", "2", sys.executable, "-m", "preprocess",
+           *[a.format(src=ctx.src, tok=ctx.tok, out=ctx.out) for a in TOKENIZE]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert_one_error(proc, 2, f"is in use by `preprocess tokenize` (pid {holder.pid}")
 
 
 @pytest.mark.parametrize("kind", ["run", "fallback"])
@@ -340,6 +350,12 @@ def test_every_flipped_idx_byte_is_caught(small_out, tmp_path):
         else:
             assert i >= HEADER + 12 * n, f"byte {i} (before the document index) changed and the file opened"
             assert any(f"{path}: sha256 differs" in p for p in verify(str(out), m)), i
+    bad = bytearray(good)
+    bad[HEADER + 12 * n + 8 * (n // 2 & ~1)] ^= 0x01  # document k (even) now starts at k + 1: opens, monotone
+    path.write_bytes(bytes(bad))
+    proc = subprocess.run([sys.executable, "-m", "preprocess", "inspect", str(out), "--verify"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and f"verify: {path}: sha256 differs" in proc.stdout, proc.stdout
     path.write_bytes(good)
 
 
