@@ -27,7 +27,6 @@ def parse_args(argv=None):
 def prepare(args):
     """Load, fill data-derived values, validate, build the data indices and check the checkpoint to resume,
     before any process group starts: every user error surfaces here as one ValueError line."""
-    from . import checkpoint
     from .config import load_config, validate
     from .data import TokenDocuments, build_datasets
     from .dist import world_size_from_env
@@ -53,6 +52,8 @@ def prepare(args):
         except ImportError:
             raise ValueError("log.wandb_project is set but wandb is not installed (pip install wandb)") from None
     build_datasets(cfg, docs)  # a split too small for the steps fails here, in one line; run() reuses the cache
+    from . import checkpoint  # torch: imported once the config and data have passed (a typo answers at once)
+
     tag = checkpoint.resolve_tag(cfg.checkpoint.dir)
     if tag is not None:
         checkpoint.check_resumable(cfg, tag, checkpoint.data_fingerprint(docs), world_size_from_env(default=None))
