@@ -160,12 +160,27 @@ class Saver:
 
 
 def copy_tokenizer(cfg, docs) -> None:
-    """Keep the data's tokenizer beside the checkpoints, for `to-hf` and `generate`."""
-    tok = docs[0].tokenizer
+    """Keep the data's tokenizer beside the checkpoints, for `to-hf` and `generate`: a SentencePiece model as
+    tokenizer.model, a Hugging Face tokenizer (a folder or a tokenizer.json, as the manifest records it) as the
+    files of tokenizer/. One already there (from `convert from-hf`, or an earlier run) is kept."""
+    from .convert.tokenizer import HF_TOKENIZER_DIR, SP_MODEL, copy_hf_tokenizer
+
+    tok = docs[0].tokenizer or {}
+    src = tok.get("path", "")
     os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-    dst = os.path.join(cfg.checkpoint.dir, "tokenizer.model")
-    if tok and os.path.isfile(tok.get("path", "")) and not os.path.exists(dst):
-        shutil.copyfile(tok["path"], dst)
+    hf_dst, sp_dst = os.path.join(cfg.checkpoint.dir, HF_TOKENIZER_DIR), os.path.join(cfg.checkpoint.dir, SP_MODEL)
+    if not src or os.path.exists(hf_dst) or os.path.exists(sp_dst):
+        return
+    if tok.get("kind") == "hf" or os.path.isdir(src) or src.endswith(".json"):
+        if not os.path.exists(src):
+            log.warning("the data's tokenizer %s is gone; no tokenizer is kept beside the checkpoints", src)
+            return
+        tmp = f"{hf_dst}.tmp-{os.getpid()}"  # whole or not at all: generate and to-hf read the folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        copy_hf_tokenizer(src, tmp)
+        os.replace(tmp, hf_dst)
+    elif os.path.isfile(src):
+        shutil.copyfile(src, sp_dst)
 
 
 class StopFlag:

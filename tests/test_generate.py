@@ -72,3 +72,70 @@ def test_cli_prompt_file_and_sampling(tokenizer_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "nothing"), "--prompt", "x"])
     assert e.value.code != 0 and capsys.readouterr().err.startswith("error: ")
+
+
+BAD_ARGS = [  # (arguments, a fragment of the one-line error)
+    (["--temperature", "nan"], "--temperature nan"),
+    (["--temperature", "-0.5"], "--temperature -0.5"),
+    (["--top-p", "0"], "--top-p 0.0"),
+    (["--top-p", "1.5"], "--top-p 1.5"),
+    (["--top-p", "nan"], "--top-p nan"),
+    (["--top-k", "-1"], "--top-k -1"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD_ARGS, ids=[a[1] for a in BAD_ARGS])
+def test_bad_sampling_arguments_give_one_error_line(args, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--prompt", "x", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+def test_prompt_longer_than_seq_len_is_cut_and_the_window_slides(model):
+    """A prompt past seq_len keeps its last seq_len tokens; --max-new-tokens are all produced (the window slides),
+    and the tokens until the window fills are the model's greedy ones on the cut prompt."""
+    limit = model.cfg.seq_len
+    prompt = [(7 * i) % 50 for i in range(limit + 30)]
+    out = generate(model, prompt, max_new_tokens=limit + 8, eod_id=None)
+    assert len(out) == limit + 8
+    ids = prompt[-limit:]
+    with torch.no_grad():
+        assert out[0] == int(model(torch.tensor([ids]))[0, -1].argmax())
+        slid = (ids + out[:1])[-(limit // 2):]  # after the first token the window is full: it keeps its last half
+        assert out[1] == int(model(torch.tensor([slid]))[0, -1].argmax())
+
+
+def test_cli_says_when_the_prompt_is_cut(tmp_path, capsys):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pipeline import convert
+
+    vocab = {f"w{i}": i for i in range(64)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    convert.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt")])
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    prompt = " ".join(f"w{2 + i % 60}" for i in range(40))
+    main([str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "30"])
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and "model.seq_len 16: cut to its last 16" in out.err, out.err
+    assert len(out.out.split()) > 40  # the cut prompt still got its continuation
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom pipeline.generate import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--top-p" in proc.stdout and proc.stdout.strip().endswith("False")

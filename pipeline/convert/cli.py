@@ -1,7 +1,7 @@
 """`python -m pipeline.convert`: checkpoints to Hugging Face folders, back, and between parallel layouts.
 
     python -m pipeline.convert to-hf CKPT OUT [--tag global_stepN] [--dtype bf16|fp16|fp32]
-    python -m pipeline.convert from-hf HF_DIR CKPT --config configs/X.yaml
+    python -m pipeline.convert from-hf HF_DIR CKPT [--config configs/X.yaml]
     python -m pipeline.convert reshape CKPT OUT --tp T --pp P
 
 to-hf reads any layout the trainer writes (ZeRO-3 partitions, ZeRO-0/1 module files, tensor-parallel shards,
@@ -31,10 +31,16 @@ def main(argv=None) -> None:
     h.add_argument("--max-shard-size", type=float, default=DEFAULT_SHARD_GIB, metavar="GiB",
                    help="split the weights into safetensors files of at most this size, with an index (default 2)")
     h.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    f = sub.add_parser("from-hf", help="turn a Hugging Face Llama/GPT-2 folder into a step-0 checkpoint")
+    f = sub.add_parser("from-hf", help="turn a Hugging Face Llama 3.x/Mistral/Qwen2/Qwen3/GPT-2 folder into a step-0 "
+                                       "checkpoint",
+                       description="Features our model lacks (e.g. a sliding window shorter than model.seq_len, "
+                                   "YaRN RoPE scaling) are refused in one line. The folder's tokenizer files and "
+                                   "config travel with the checkpoint (CKPT/tokenizer/, CKPT/hf_source/).")
     f.add_argument("hf_dir", metavar="HF_DIR", help="folder with config.json and safetensors (or pytorch_model.bin)")
     f.add_argument("ckpt", metavar="CKPT", help="checkpoint folder to create (the run's checkpoint.dir)")
-    f.add_argument("--config", required=True, help="run config YAML; its model keys must agree with the HF config")
+    f.add_argument("--config", default=None,
+                   help="run config YAML whose model keys must agree with the HF config; it needs no dataset "
+                        "(default: none, the model section is derived from the HF config)")
     f.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")
     r = sub.add_parser("reshape", help="move a checkpoint (weights and optimizer state) to another tp/pp layout",
                        description="Writes OUT as a universal checkpoint; resume with checkpoint.dir=OUT "

@@ -35,6 +35,7 @@ from .. import ds_compat
 from ..checkpoint.read import committed_tag, detect_layout, read_run_config
 from ..config import validate
 from ..fs import staging_dir
+from .hf import copy_beside
 
 
 def universal_info(cfg) -> dict:
@@ -143,8 +144,7 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
         with open(os.path.join(dst, UNIVERSAL), "w") as f:
             json.dump({"source": os.path.abspath(src), "from": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
                        "to": {"tp": tp, "pp": pp}}, f)
-        if os.path.isfile(os.path.join(ckpt_dir, "tokenizer.model")):
-            shutil.copyfile(os.path.join(ckpt_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        copy_beside(ckpt_dir, tmp)  # the tokenizer and the HF source config travel with the weights
         old = {k: v for k, v in marker(ckpt_dir, tag).items() if k not in ("files", "time")}
         commit(tmp, tag, {**old, "reshaped_from": os.path.abspath(src)})
     return out

@@ -1,9 +1,63 @@
-"""Our SentencePiece tokenizer as a Hugging Face tokenizer folder (the tokenizer half of `to-hf`)."""
+"""The tokenizer that travels with a checkpoint, and its Hugging Face form (the tokenizer half of `to-hf`).
+
+Beside the checkpoints (`checkpoint.dir`) lives one of:
+    tokenizer/        a Hugging Face tokenizer's files, copied unchanged (from `from-hf`, or from the data's
+                      manifest when it was tokenized with an HF tokenizer); `to-hf` writes them out unchanged
+    tokenizer.model   our SentencePiece model; `to-hf` exports it as an equivalent fast tokenizer
+"""
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+
+HF_TOKENIZER_DIR = "tokenizer"
+SP_MODEL = "tokenizer.model"
+# The files that make up a Hugging Face tokenizer (never the weights or the model config).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+                      "chat_template.json")
+
+
+def is_hf_tokenizer_dir(folder: str) -> bool:
+    """Whether `folder` holds a Hugging Face tokenizer (not only a SentencePiece model)."""
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def copy_hf_tokenizer(src: str, dst_dir: str) -> list[str]:
+    """Copy the tokenizer files of folder `src` (or the single tokenizer.json `src`) unchanged into `dst_dir`."""
+    os.makedirs(dst_dir, exist_ok=True)
+    if os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(dst_dir, "tokenizer.json"))
+        return ["tokenizer.json"]
+    names = [f for f in HF_TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+    for f in names:
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst_dir, f))
+    return names
+
+
+def load_hf_tokenizer(folder: str):
+    """A transformers tokenizer from a folder of tokenizer files (a bare tokenizer.json included)."""
+    import warnings
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(folder)
+        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
+    if tok.eos_token is None:  # a bare tokenizer.json names no EOS: the usual end-of-text tokens, as preprocess does
+        specials = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        eos = next((n for n in ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>") if n in specials), None)
+        if eos is not None:
+            tok.eos_token = eos
+    return tok
+
+
+def hf_tokenizer_ids(tok) -> dict:
+    """bos/eos/pad ids of a transformers tokenizer, as config.json keys."""
+    return {f"{k}_token_id": getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
 
 
 def tokenizer_info(model_path: str) -> dict:
@@ -22,7 +76,8 @@ def hf_tokenizer(model_path: str):
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import Regex, Tokenizer, decoders, normalizers
     from tokenizers.models import Unigram
-    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+    # LlamaTokenizerFast: in 4.x LlamaTokenizer is the slow class without a backend_tokenizer; 5.x keeps the alias
+    from transformers import LlamaTokenizerFast, PreTrainedTokenizerFast
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_path, "rb") as f:
@@ -31,7 +86,7 @@ def hf_tokenizer(model_path: str):
     if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
         with tempfile.TemporaryDirectory() as d:  # transformers derives the BPE merges from the pieces
             shutil.copyfile(model_path, os.path.join(d, "tokenizer.model"))
-            backend = LlamaTokenizer.from_pretrained(d).backend_tokenizer
+            backend = LlamaTokenizerFast.from_pretrained(d).backend_tokenizer
     elif trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
         backend = Tokenizer(Unigram([(p.piece, p.score) for p in proto.pieces], trainer.unk_id,
                                     byte_fallback=trainer.byte_fallback))
@@ -53,7 +108,11 @@ def hf_tokenizer(model_path: str):
                                    **{f"{k}_token": v for k, v in special.items() if v is not None})
 
 
-def save_hf_tokenizer(model_path: str, out: str) -> None:
-    """Write the exported tokenizer (tokenizer.json + config) and the SentencePiece model itself into `out`."""
-    hf_tokenizer(model_path).save_pretrained(out)
+def save_hf_tokenizer(model_path: str, out: str, model_max_length: int | None = None) -> None:
+    """Write the exported tokenizer (tokenizer.json + config) and the SentencePiece model itself into `out`.
+    `model_max_length` (the model's seq_len) makes `truncation=True` give sequences the model can take."""
+    tok = hf_tokenizer(model_path)
+    if model_max_length is not None:
+        tok.model_max_length = model_max_length
+    tok.save_pretrained(out)
     shutil.copyfile(model_path, os.path.join(out, "tokenizer.model"))
