@@ -11,11 +11,11 @@ A piece of a unit is `[input index, start, end]`: byte offsets for a plain JSON-
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import socket
+
+from pipeline import fs
 
 from .indexed import writing
 
@@ -175,16 +175,7 @@ def load_unit_state(parts: str, unit: int) -> dict:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write to a name unique to this process, then rename: readers never see half a file, and several
-    processes (array tasks, ranks) may write the same content at once."""
-    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    try:
-        with writing(path), open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    """Write-then-rename (pipeline.fs): readers never see half a file, and several processes (array tasks,
+    ranks) may write the same content at once. An error names `path` (a full disk says which)."""
+    with writing(path):
+        fs.write_json_atomic(path, obj, indent=2)

@@ -5,7 +5,8 @@ weights-only step-0 checkpoint:
 
     CKPT/global_step0/model.safetensors   our full unsharded state dict (our names, vocab unpadded, tied
                                           lm_head stored once as embed_tokens)
-    CKPT/global_step0/run_config.json     the run config (--config, or defaults) with the model from the HF config
+    CKPT/global_step0/run_config.json     the run config (--config, or the defaults with checkpoint.dir CKPT: a YAML
+                                          file to train with) with the model from the HF config
     CKPT/global_step0/WEIGHTS_ONLY        no optimizer state: the trainer starts a fresh optimizer at step 0
     CKPT/global_step0/COMMITTED, CKPT/latest
     CKPT/hf_source/                       the HF folder's config.json (and generation_config.json), unchanged:
@@ -222,11 +223,13 @@ def merged_model_config(hf_model: ModelConfig, run_model: ModelConfig, explicit:
     return dataclasses.replace(run_model, **shape)
 
 
-def run_config_for(hf_model: ModelConfig, config_path: str | None) -> RunConfig:
-    """The run config of a from-hf checkpoint: --config (no dataset needed yet) with the HF model, or defaults."""
-    if config_path is None:
+def run_config_for(hf_model: ModelConfig, config_path: str | None, ckpt_dir: str) -> RunConfig:
+    """The run config of a from-hf checkpoint: --config (no dataset needed yet) with the HF model, or the defaults
+    with the HF model and checkpoint.dir = `ckpt_dir`."""
+    if config_path is None:  # a config that continues from this checkpoint: train --config CKPT/TAG/run_config.json
         cfg = RunConfig()
         cfg.model = hf_model
+        cfg.checkpoint.dir = os.path.abspath(ckpt_dir)
     else:
         cfg = load_config(config_path, check=False)
         cfg.model = merged_model_config(hf_model, cfg.model, _explicit_model_keys(config_path), config_path)
@@ -248,7 +251,7 @@ def from_hf(hf_dir: str, ckpt_dir: str, config_path: str | None = None, overwrit
     if os.path.exists(ckpt_dir) and not overwrite:
         raise FileExistsError(f"{ckpt_dir} already exists; pass --overwrite to replace it")
     hf_cfg = read_hf_config(hf_dir)
-    cfg = run_config_for(model_config_from_hf(hf_cfg), config_path)
+    cfg = run_config_for(model_config_from_hf(hf_cfg), config_path, ckpt_dir)
     m = cfg.model
     check_sliding_window(hf_cfg, m.seq_len)
     sd = read_hf_state_dict(hf_dir, m, hf_cfg.model_type)

@@ -25,11 +25,11 @@ import mmap
 import os
 import socket
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
+
+from ..fs import write_files_atomic
 
 log = logging.getLogger("pipeline.data")
 
@@ -39,34 +39,6 @@ RANDOM_ACCESS = {"doc", "sample_doc", "sample_offset", "table"}  # the others ar
 
 def cache_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _tmp_name(path: str) -> str:
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _write_atomic(items: dict[str, Callable]) -> None:
-    """Write each `path: write(f)` under a temporary name, fsync them all at once (threads), then rename each."""
-    tmps = {path: _tmp_name(path) for path in items}
-    try:
-        for path, write in items.items():
-            with open(tmps[path], "wb") as f:
-                write(f)
-
-        def sync(tmp: str) -> None:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        with ThreadPoolExecutor(min(8, len(tmps))) as pool:
-            list(pool.map(sync, tmps.values()))
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def _probe(a: np.ndarray) -> str:
@@ -141,9 +113,9 @@ def _build_and_save(base: str, name: str, description: dict, build: Callable[[],
             "build_seconds": round(time.time() - t0, 3),
             "arrays": {k: [a.dtype.str, list(a.shape), _probe(a)] for k, a in built.items()}}
     with _writes_to(os.path.dirname(base)):
-        _write_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a))
+        write_files_atomic({f"{base}-{key}.npy": lambda f, a=a: np.save(f, np.ascontiguousarray(a))
                        for key, a in built.items()})
-        _write_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
+        write_files_atomic({base + ".json": lambda f: f.write(json.dumps(meta, indent=1).encode())})  # the commit
     log.info("built %s index %s in %.2fs", name, base, time.time() - t0)
 
 
