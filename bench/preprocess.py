@@ -1,6 +1,8 @@
-"""Benchmark `preprocess tokenize` against bare SentencePiece and a Megatron-style baseline, side by side.
+"""Benchmark `preprocess tokenize` against bare SentencePiece and a Megatron-style baseline, side by side; with
+`--kind byte-bpe`, against bare Hugging Face `tokenizers` for a GPT-2-style byte-level BPE tokenizer.
 
     flock /tmp/bench.lock .venv/bin/python bench/preprocess.py [--size-mb 200] [--small-mb 100] [--repeat 1]
+    flock /tmp/bench.lock .venv/bin/python bench/preprocess.py --kind byte-bpe [--size-mb 50] [--vocab 50000]
 
 Generates a jsonl corpus under /tmp (documents assembled from the built-in corpus's paragraphs), trains a
 tokenizer on it once, then measures in fresh processes, each with the peak RSS summed over its process tree:
@@ -9,6 +11,14 @@ tokenizer on it once, then measures in fresh processes, each with the peak RSS s
   megatron    Megatron-LM's preprocess_data shape: Pool.imap over JSON lines, json.loads + one encode call per
               document, megatron-core's IndexedDatasetBuilder fed from the parent (2 workers)
 and prints the ratios the preprocessing issue asks for, plus peak RSS on two corpus sizes.
+
+--kind byte-bpe: the tokenizer is `train-tokenizer --model-type byte-bpe` on the built-in corpus, padded with
+added tokens to --vocab (the built-in corpus alone supports ~12k tokens), passed to `tokenize` as its folder:
+  bare        one process: `tokenizers` encode_batch (parallelism off: one thread) over the documents in memory,
+              the ids taken out as Python lists (encode time only); also encode_batch_fast (no character offsets),
+              which the workers call, as a second, stricter baseline
+  tokenize    `python -m preprocess tokenize --tokenizer FOLDER` with 1 and 2 workers (wall time of the command,
+              including transformers' AutoTokenizer load in the parent)
 """
 from __future__ import annotations
 
@@ -16,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -113,6 +124,40 @@ def make_huge_document(size_mb: int) -> list[str]:
     return [path]
 
 
+_BARE_HF = r"""
+import json, os, sys, time
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+from tokenizers import Tokenizer
+tk = Tokenizer.from_file(os.path.join(sys.argv[1], "tokenizer.json"))
+texts = [json.loads(l)["text"] for f in sys.argv[2:] for l in open(f, "rb")]
+def timed(encode):
+    t = time.perf_counter(); c = time.process_time(); n = 0
+    for i in range(0, len(texts), 256):
+        n += sum(len(e.ids) for e in encode(texts[i:i + 256]))
+    return n + len(texts), time.perf_counter() - t, time.process_time() - c
+n, wall, cpu = timed(tk.encode_batch)
+_, fast_wall, fast_cpu = timed(tk.encode_batch_fast)  # no offsets: what the workers call
+print(json.dumps({"tokens": n, "seconds": wall, "cpu_own": cpu, "fast_seconds": fast_wall, "fast_cpu": fast_cpu}))
+"""
+
+
+def make_byte_bpe(vocab: int) -> str:
+    """A byte-level BPE folder trained on the built-in corpus, padded with added tokens to `vocab` tokens."""
+    out = os.path.join(WORK, f"byte_bpe_{vocab}")
+    if os.path.exists(os.path.join(out, "tokenizer_info.json")):
+        return out
+    make_corpus(10)  # writes the built-in corpus to WORK/demo
+    run([sys.executable, "-m", "preprocess", "train-tokenizer", os.path.join(WORK, "demo"), "--output", out,
+         "--vocab-size", str(vocab), "--model-type", "byte-bpe"])
+    from tokenizers import Tokenizer
+
+    path = os.path.join(out, "tokenizer.json")
+    tk = Tokenizer.from_file(path)
+    tk.add_tokens([f"<extra_{i}>" for i in range(vocab - tk.get_vocab_size())])
+    tk.save(path)
+    return out
+
+
 def make_tokenizer(files: list[str], vocab: int) -> str:
     out = os.path.join(WORK, f"tokenizer_{vocab}")
     model = os.path.join(out, "tokenizer.model")
@@ -133,8 +178,8 @@ def run(cmd: list[str]) -> tuple[float, int, str, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cpu0 = _cpu_of_children()
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env)
         ps, peak = psutil.Process(proc.pid), 0
         top_cpu = 0.0
         while proc.poll() is None:
@@ -150,6 +195,8 @@ def run(cmd: list[str]) -> tuple[float, int, str, float]:
         cpu = _cpu_of_children() - cpu0
         out.seek(0)
         text = out.read()
+        err.seek(0)
+        run.stderr = err.read()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-2000:]}")
     run.top_cpu = top_cpu  # CPU of the top process alone (the parent), as last seen
@@ -163,7 +210,10 @@ def tokenize(files, model, workers, tag) -> dict:
                              "--output", out, "--workers", str(workers)])
     with open(os.path.join(out, "manifest.json")) as f:
         tokens = sum(s["tokens"] for s in json.load(f)["shards"])
-    return {"tokens": tokens, "seconds": wall, "rss": rss, "cpu": cpu, "cpu_parent": run.top_cpu}
+    # the run's own timing (from its last log line): the work after start-up (imports, tokenizer load)
+    timed = re.findall(r"tokens in ([0-9.]+) s", run.stderr)
+    return {"tokens": tokens, "seconds": wall, "rss": rss, "cpu": cpu, "cpu_parent": run.top_cpu,
+            "run_seconds": float(timed[-1]) if timed else wall}
 
 
 def script(code, *args) -> dict:
@@ -178,7 +228,10 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeat", type=int, default=1, help="best of N for each timing")
     ap.add_argument("--huge-mb", type=int, default=0, help="only measure peak RSS on one document of this size")
+    ap.add_argument("--kind", choices=["sentencepiece", "byte-bpe"], default="sentencepiece")
     args = ap.parse_args()
+    if args.kind == "byte-bpe":
+        return main_byte_bpe(args)
     if args.huge_mb:
         model = make_tokenizer(make_corpus(args.size_mb), args.vocab)
         files = make_huge_document(args.huge_mb)
@@ -227,5 +280,49 @@ def main() -> None:
         "token counts differ between the runs"
 
 
+def main_byte_bpe(args) -> None:
+    vocab = 50_000 if args.vocab == 32000 else args.vocab  # 32000 is the SentencePiece default
+    files = make_corpus(args.size_mb)
+    folder = make_byte_bpe(vocab)
+    size = sum(os.path.getsize(f) for f in files)
+    print(f"corpus: {size / 1e6:.0f} MB in {len(files)} files; byte-level BPE, vocab {vocab:,} (trained on the "
+          f"built-in corpus, padded with added tokens); {os.cpu_count()} CPUs; load average before: "
+          f"{os.getloadavg()[0]:.1f}")
+
+    def best(fn):
+        runs = [fn() for _ in range(args.repeat)]
+        return min(runs, key=lambda r: r["seconds"])
+
+    r = {"bare": best(lambda: script(_BARE_HF, folder, *files)),
+         "tok1": best(lambda: tokenize(files, folder, 1, "hf_w1")),
+         "tok2": best(lambda: tokenize(files, folder, 2, "hf_w2"))}
+    rate = {k: v["tokens"] / v["seconds"] for k, v in r.items()}
+    for k, v in r.items():
+        print(f"  {k:7s} {v['tokens']:>12,} tokens {v['seconds']:7.1f} s {rate[k] / 1e6:6.3f} Mtok/s "
+              f"peak RSS {v['rss'] / 2**20:6.0f} MiB; CPU {v['cpu']:6.1f} s (whole process tree)")
+    fast = r["bare"]["tokens"] / r["bare"]["fast_seconds"]
+    print(f"  bare encode_batch_fast: {fast / 1e6:.3f} Mtok/s ({r['bare']['fast_seconds']:.1f} s)")
+    print(f"tokenize per worker / bare tokenizers encode_batch: 1 worker {rate['tok1'] / rate['bare']:.3f}, "
+          f"2 workers {rate['tok2'] / 2 / rate['bare']:.3f}   (goal >= 0.85); / encode_batch_fast: "
+          f"{rate['tok1'] / fast:.3f}, {rate['tok2'] / 2 / fast:.3f}")
+    print(f"tokenize 2 workers / 1 worker: {rate['tok2'] / rate['tok1']:.3f}   (goal >= 1.7)")
+    run_rate = {k: r[k]["tokens"] / r[k]["run_seconds"] for k in ("tok1", "tok2")}
+    print(f"after start-up (tokenize's own timing, without imports and the AutoTokenizer load: "
+          f"{r['tok1']['seconds'] - r['tok1']['run_seconds']:.1f} s with 1 worker): per worker / bare "
+          f"{run_rate['tok1'] / rate['bare']:.3f}, {run_rate['tok2'] / 2 / rate['bare']:.3f}; 2 / 1 workers "
+          f"{run_rate['tok2'] / run_rate['tok1']:.3f}")
+    print(f"load average after: {os.getloadavg()[0]:.1f} (wall-time ratios hold only on an otherwise idle machine)")
+    idle = {"bare": r["bare"]["cpu_own"], "tok1": r["tok1"]["cpu"],
+            "tok2": max(r["tok2"]["cpu"] / 2, r["tok2"]["cpu_parent"])}
+    fast_cpu = r["bare"]["fast_cpu"]
+    print(f"CPU-time estimate for an idle machine: per worker / bare: 1 worker {idle['bare'] / idle['tok1']:.3f}, "
+          f"2 workers {idle['bare'] / idle['tok2'] / 2:.3f} (/ encode_batch_fast: {fast_cpu / idle['tok1']:.3f}, "
+          f"{fast_cpu / idle['tok2'] / 2:.3f}); 2 / 1 workers {idle['tok1'] / idle['tok2']:.3f}  "
+          f"(parent CPU with 2 workers: {r['tok2']['cpu_parent']:.1f} s, of which the start-up (imports, "
+          f"AutoTokenizer) is a fixed cost)")
+    assert r["tok1"]["tokens"] == r["tok2"]["tokens"] == r["bare"]["tokens"], "token counts differ between the runs"
+
+
 if __name__ == "__main__":
     main()
+
