@@ -8,8 +8,9 @@ The lock is an `flock`: the kernel drops it when its holder dies, however it die
 (host, pid, Slurm job, start time) is written into the file, so that a refusal can name it.
 
 Where `flock` is not available (some network filesystems answer ENOLCK), a file created with O_EXCL and holding
-the same description stands in. A lock file left by a dead process on this host is taken over; one from another
-host cannot be checked from here, so the refusal names it and the file to delete once that process is gone.
+the same description stands in. A lock file left by a dead process on this host is taken over (also when its pid
+now belongs to a process started later); one from another host cannot be checked from here, so the refusal names
+it and the file to delete once that process is gone.
 """
 from __future__ import annotations
 
@@ -34,10 +35,19 @@ class FolderBusy(ValueError):
     """Another run holds the folder: a user error (one line, exit 2), not a crash."""
 
 
+def _start_ticks(pid) -> str | None:
+    """When process `pid` started (Linux /proc, in clock ticks since boot): tells a reused pid from the holder."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def _me(what: str) -> dict:
     job = os.environ.get("SLURM_JOB_ID")
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
+    return {"what": what, "host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
             "job": f"{job}_{task}" if job and task else job,
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
@@ -69,8 +79,12 @@ def _alive(pid) -> bool:
 
 
 def _is_stale(info: dict | None) -> bool:
-    """A holder that is provably gone: a dead pid on this very host. Anything else is taken to be alive."""
-    return bool(info) and info.get("host") == socket.gethostname() and not _alive(info.get("pid"))
+    """A holder that is provably gone: on this very host, a dead pid, or one now used by a process that started
+    at another time. Anything else is taken to be alive."""
+    if not info or info.get("host") != socket.gethostname():
+        return False
+    pid = info.get("pid")
+    return not _alive(pid) or (info.get("start") is not None and _start_ticks(pid) not in (None, info["start"]))
 
 
 def _busy(folder: str, info: dict | None, lock_file: str | None = None) -> FolderBusy:

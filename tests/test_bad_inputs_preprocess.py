@@ -59,12 +59,12 @@ HOLDER = r"""
 import contextlib, errno, fcntl, sys
 from preprocess.lock import folder_lock, unit_locks
 kind, out = sys.argv[1], sys.argv[2]
-if kind == "fallback":  # a filesystem without flock
+if kind.startswith("fallback"):  # a filesystem without flock
     def no_flock(*a):
         raise OSError(errno.ENOLCK, "No locks available")
     fcntl.flock = no_flock
 with contextlib.ExitStack() as held:
-    if kind in ("run", "fallback"):
+    if kind in ("run", "fallback"):  # else a --part task (part, unit, fallback-part)
         held.enter_context(folder_lock(out, "`preprocess tokenize`"))
     else:
         held.enter_context(folder_lock(out, "`preprocess tokenize --part 0 --num-parts 2`", shared=True))
@@ -214,6 +214,8 @@ TABLE = [
      "unit 0 is being written by another `tokenize --part` task"),
     ("no flock: O_EXCL lock file of a live holder", held_by("fallback", no_flock), "preprocess", TOKENIZE, 2,
      "is in use by `preprocess tokenize` (pid"),
+    ("no flock: whole run while a --part task runs", held_by("fallback-part", no_flock), "preprocess", TOKENIZE, 2,
+     "in use by `preprocess tokenize --part 0 --num-parts 2`"),
     ("flock here, O_EXCL lock file of a live holder", held_by("fallback"), "preprocess", TOKENIZE, 2,
      "is in use by `preprocess tokenize` (pid"),
     ("no flock: lock file from another host", lock_file_from_another_host, "preprocess", TOKENIZE, 2,
@@ -307,24 +309,27 @@ def test_mpi_run_refused_once_while_held(ctx):
     assert_one_error(proc, 2, f"is in use by `preprocess tokenize` (pid {holder.pid}")
 
 
-@pytest.mark.parametrize("kind", ["run", "fallback"])
+@pytest.mark.parametrize("kind", ["run", "fallback", "reused pid"])
 def test_lock_of_a_killed_holder_is_taken_over(ctx, capsys, caplog, kind):
     """kill -9 of a holder: flock is dropped by the kernel; the O_EXCL file stays and is taken over (dead pid on
-    this host)."""
+    this host, or its pid now used by a process that started at another time)."""
     from preprocess.cli import main
 
     shutil.rmtree(ctx.out)
-    holder = ctx.hold(kind)
-    if kind == "fallback":
+    holder = ctx.hold("run" if kind == "run" else "fallback")
+    owner = ctx.out / ".lock.owner"
+    if kind != "run":
         no_flock(ctx)
-        assert json.loads((ctx.out / ".lock.owner").read_text())["pid"] == holder.pid
+        assert json.loads(owner.read_text())["pid"] == holder.pid
     holder.kill()
     holder.wait()
+    if kind == "reused pid":  # the pid of a live process (this one), which started at another time than the holder
+        owner.write_text(json.dumps({**json.loads(owner.read_text()), "pid": os.getpid()}))
     result = run_main(main, [a.format(src=ctx.src, tok=ctx.tok, out=ctx.out) for a in TOKENIZE], capsys)
     assert result.returncode == 0, result.stderr
     assert json.loads((ctx.out / "manifest.json").read_text())["complete"]
     assert not (ctx.out / ".lock.owner").exists()
-    assert ("no longer running" in caplog.text) == (kind == "fallback")
+    assert ("no longer running" in caplog.text) == (kind != "run")
 
 
 def test_every_flipped_idx_byte_is_caught(small_out, tmp_path):
