@@ -7,6 +7,9 @@ never depend on `--workers`, on the number of MPI ranks or Slurm array tasks, or
   one process:   all units, then the join
   MPI (mpirun / srun --mpi=pmi2, found from the environment): rank r takes units r, r+K, ...; rank 0 joins
   --part I --num-parts K (a Slurm array task): units I, I+K, ...; no join — run `preprocess join OUT` after
+
+A run holds OUT for its whole life (lock.py): one process or rank 0 exclusively, the parts of an array together
+(each also holding its units), so a second run on OUT is refused in one line instead of mixing its shards in.
 """
 from __future__ import annotations
 
