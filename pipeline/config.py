@@ -170,7 +170,8 @@ def _coerce(value, hint, key: str):
             return value
     else:
         return value
-    name = _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+    name = "a list of {path, weight}" if typing.get_args(hint) == (DatasetEntry,) else \
+        _TYPE_NAMES.get(typing.get_origin(hint) or hint, getattr(hint, "__name__", str(hint)))
     raise ValueError(f"config key '{key}': expected {name}, got {value!r}")
 
 

@@ -87,6 +87,8 @@ ROWS = [
      "data.datasets[0].weight must be a positive number, got -1", "error"),
     ("dataset without path", "train", TRAIN + ["data.datasets=[{weight: 1}]"], 2, "'data.datasets[0].path' is missing",
      "error"),
+    ("datasets not a list", "train", TRAIN + ["data.datasets={path: {data}}"], 2,
+     "'data.datasets': expected a list of {path, weight}", "error"),
     ("dataset not a mapping", "train", TRAIN + ["data.datasets=[[1, 2]]"], 2,
      "'data.datasets[0]': expected {path, weight}", "error"),
     ("log.jsonl read-only", "train", TRAIN + [f"log.jsonl={RO}/log.jsonl"], 2,
