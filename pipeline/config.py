@@ -119,6 +119,7 @@ class LogConfig:
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
     peak_tflops: float | None = None  # per-device peak for MFU; None = the table for known GPUs
+    straggler_ratio: float = 1.2  # warn when a rank's data wait + forward exceeds its peers' median by this; 0 = never
 
 
 @dataclass
@@ -291,6 +292,9 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
                         "in fp32/bf16 a non-finite loss stops the run")
     if t.freeze_layers < 0 or t.freeze_layers > m.num_layers:
         problems.append(f"train.freeze_layers must be between 0 and model.num_layers {m.num_layers}")
+    if cfg.log.straggler_ratio and cfg.log.straggler_ratio < 1:
+        problems.append(f"log.straggler_ratio must be >= 1 (a multiple of the median rank's time) or 0 (no "
+                        f"warning), got {cfg.log.straggler_ratio}")
     split = split_problem(cfg.data.split)
     if split:
         problems.append(split)

@@ -75,7 +75,7 @@ class Meter:
         self.step_time += time.time() - self._t0
         self.steps_timed += 1
 
-    def log_if_due(self, state: TrainState, loss: float, engine) -> None:
+    def log_if_due(self, state: TrainState, loss: float, engine, extra: dict | None = None) -> None:
         if not (state.step % self.cfg.log.interval == 0 or state.step == self.cfg.train.steps):
             return
         elapsed = self.step_time / max(1, self.steps_timed)
@@ -86,7 +86,7 @@ class Meter:
                             "consumed_samples": state.consumed_samples,
                             "tokens": state.consumed_samples * self.cfg.model.seq_len, "tokens_per_sec": tps,
                             "tflops": tflops, "mfu": tflops / self.peak if self.peak else None,
-                            "step_time_s": elapsed, "mem_mb": peak_memory_mb()})
+                            "step_time_s": elapsed, "mem_mb": peak_memory_mb(), **(extra or {})})
 
     def write_eval(self, step: int, loss: float) -> None:
         self.metrics.write({"split": "valid", "step": step, "loss": loss, "ppl": math.exp(min(loss, 50))})

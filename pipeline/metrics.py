@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 log = logging.getLogger("pipeline")
 
@@ -26,6 +27,7 @@ class Metrics:
     def __init__(self, jsonl: str | None, tensorboard_dir: str | None, enabled: bool,
                  wandb_project: str | None = None, run_config: dict | None = None):
         self.enabled = enabled
+        self.started = False  # the first line this process writes says "start": a restart, for pipeline.report
         self.jsonl = None
         self.tb = None
         self.wandb = None
@@ -47,7 +49,10 @@ class Metrics:
         if not self.enabled:
             return
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+            line = {**record, "time": round(time.time(), 3)}  # wall clock: restarts' gaps, time lost
+            if not self.started:
+                line["start"], self.started = True, True
+            self.jsonl.write(json.dumps(line) + "\n")
         if self.tb:
             prefix = record.get("split", "train")
             for k, v in record.items():

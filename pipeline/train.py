@@ -122,6 +122,7 @@ def run(cfg, docs, tag, stop) -> int:
     from .data import build_datasets
     from .loop import Batches, Meter, Saver, copy_tokenizer, evaluate, guard_nonfinite
     from .optim import Schedule, lr_at
+    from .stragglers import StepTimer
 
     dist.init_distributed(cfg.train.dist_timeout_s)
     torch.manual_seed(cfg.train.seed)
@@ -134,15 +135,19 @@ def run(cfg, docs, tag, stop) -> int:
     if engine.rank == 0:
         copy_tokenizer(cfg, docs)
     t = cfg.train
+    timer = StepTimer(engine, cfg.log.interval, t.steps, cfg.log.straggler_ratio)  # per-rank times, stragglers
     code = 0
     while state.step < t.steps:
         engine.set_lr(lr_at(state.step, schedule))
         meter.start_step()
-        loss = engine.train_step(*batches.get(train_ds, state.step))
+        with timer.data():
+            batch = batches.get(train_ds, state.step)
+        with timer.step():
+            loss = engine.train_step(*batch)
         meter.end_step()
         guard_nonfinite(loss, engine, cfg, state.step + 1)
         state.advance(t.global_batch_size)
-        meter.log_if_due(state, loss, engine)
+        meter.log_if_due(state, loss, engine, timer.gather_if_due(state.step))
         if valid_ds is not None and t.eval_interval > 0 and state.step % t.eval_interval == 0:
             meter.write_eval(state.step, evaluate(engine, batches, valid_ds, t.eval_iters))
         if stop is not None and stop.agreed(engine.device):
