@@ -98,6 +98,8 @@ class TrainConfig:
     # Resuming with another LR schedule (lr, min_lr, warmup_steps, decay_style, steps) is refused unless set; then
     # the schedule of this config applies from the resumed step on (Megatron's --override-opt_param-scheduler).
     override_lr_schedule: bool = False
+    loss_chunk_tokens: int = 0   # tokens per chunk of the fused LM head + loss; 0 = auto (~128 MiB of fp32 logits)
+    z_loss: float = 0.0          # coefficient of the z-loss, z · mean(logsumexp(logits)²) (PaLM, OLMo); 0 = off
 
 
 @dataclass
@@ -312,7 +314,8 @@ AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.num_heads", "mod
                 "parallel.pp", "train.steps", "train.global_batch_size", "train.micro_batch_size", "train.eval_iters",
                 "train.dist_timeout_s", "log.interval")
 AT_LEAST_ZERO = ("train.warmup_steps", "train.eval_interval", "train.lr", "train.min_lr", "train.weight_decay",
-                 "train.grad_clip", "checkpoint.interval", "checkpoint.keep", "model.dropout")
+                 "train.grad_clip", "checkpoint.interval", "checkpoint.keep", "model.dropout",
+                 "train.loss_chunk_tokens", "train.z_loss")
 
 
 def size_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:

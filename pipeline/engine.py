@@ -20,11 +20,9 @@ import torch.distributed as tdist
 from . import dist, ds_compat
 from .config import RunConfig
 from .ds_config import build_ds_config
-from .model import build_model, lm_loss, num_params
+from .loss import IGNORE
+from .model import build_model, num_params
 from .optim import build_optimizer, set_lr
-
-
-IGNORE = -100  # label of a position excluded from the loss
 
 
 def init_source(model, sd: dict) -> dict:
@@ -134,6 +132,9 @@ class TrainEngine:
             freeze_layers(model, cfg.train.freeze_layers)
         model.checkpoint_activations = p.activation_checkpointing
         self.vocab_size, self.vocab_start = model.vocab_size, getattr(model, "vocab_start", 0)
+        model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
+        self.z_loss, self.last_z_loss = cfg.train.z_loss, 0.0
+        self._pipe_z: list = []  # pipelines: the z-loss terms of this step's micro batches (last stage)
         self.pipelined = p.pp > 1
         ds_config = build_ds_config(cfg, self.dp_size)
         # Set from the tag being resumed, not from a config: a run resumed from a universal checkpoint saves
@@ -143,6 +144,7 @@ class TrainEngine:
             from .parallel.pipe import build_pipeline_module
 
             module = build_pipeline_module(model, self.state, self.loss)
+            self._pipe_head = next((m for m in module.modules() if hasattr(m, "head_loss")), None)  # last stage
             model.init_source = None  # the layer specs keep the (meta) model alive, not the source values
             del model  # every stage keeps only its own layers, allocated as DeepSpeed built them
             self.optimizer = build_optimizer(module, cfg.train)
@@ -160,17 +162,14 @@ class TrainEngine:
                                                         mpu=mpu)
         self.device = self.engine.device
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy; vocab-parallel (never the full logits) when tp > 1. Labels of IGNORE are masked
-        out (data.mask_eod_loss), so the mask travels with the labels through every layout, pipelines included.
-        Always masked (a mask of ones gives the mean): testing for IGNORE would sync the host with the GPU."""
-        mask, labels = labels != IGNORE, labels.clamp(min=0)
-        if self.state.tp == 1:
-            return lm_loss(logits, labels, mask)
-        from .parallel.layers import vocab_parallel_cross_entropy
-
-        return vocab_parallel_cross_entropy(logits, labels, self.vocab_start, self.vocab_size, self.state.tp_group,
-                                            loss_mask=mask)
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The pipeline's loss_fn, on the last stage: the head fused with the chunked (vocab-parallel when tp > 1)
+        cross-entropy on the final hidden states, plus the z-loss term while training."""
+        ce, lse_sq = self._pipe_head.head_loss(hidden, labels)
+        if self.z_loss and torch.is_grad_enabled():
+            self._pipe_z.append(self.z_loss * lse_sq.detach())
+            return ce + self.z_loss * lse_sq
+        return ce
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         if self.dp_size > 1:
@@ -188,15 +187,27 @@ class TrainEngine:
         """One optimizer step on this rank's [per_rank, seq_len+1] tokens (and [per_rank, seq_len] loss mask);
         returns the global-batch mean loss."""
         if self.pipelined:
-            return float(self.engine.train_batch(self._micro_batches(batch, loss_mask)))
-        total = torch.zeros((), device=self.device)
+            self._pipe_z = []
+            loss = float(self.engine.train_batch(self._micro_batches(batch, loss_mask)))
+            if self.z_loss:  # every last-stage rank (tp x dp of them) holds its micro batches' terms
+                z = torch.stack(self._pipe_z).mean() if self._pipe_z else torch.zeros((), device=self.device)
+                tdist.all_reduce(z)
+                self.last_z_loss = z.item() / (self.state.tp * self.dp_size)
+                loss -= self.last_z_loss
+            return loss
+        total = torch.zeros(2, device=self.device)
         chunks = list(self._micro_batches(batch, loss_mask))
         for inputs, labels in chunks:
-            loss = self.loss(self.engine(inputs), labels)
-            self.engine.backward(loss)
+            ce, lse_sq = self.engine(inputs, labels=labels)  # the model applies its head inside the loss
+            z = self.z_loss * lse_sq
+            self.engine.backward(ce + z if self.z_loss else ce)
             self.engine.step()
-            total += loss.detach()
-        return self._dp_mean(total / len(chunks))
+            total += torch.stack([ce.detach(), z.detach()])
+        if self.dp_size > 1:
+            tdist.all_reduce(total, group=self.dp_group)
+        total = total / (len(chunks) * self.dp_size)
+        self.last_z_loss = total[1].item()
+        return total[0].item()
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None) -> float:
@@ -204,7 +215,7 @@ class TrainEngine:
             n = -(-batch.shape[0] // self.micro)
             return float(self.engine.eval_batch(self._micro_batches(batch, loss_mask), num_micro_batches=n))
         self.engine.eval()
-        losses = [self.loss(self.engine(x), y) for x, y in self._micro_batches(batch, loss_mask)]
+        losses = [self.engine(x, labels=y)[0] for x, y in self._micro_batches(batch, loss_mask)]
         self.engine.train()
         return self._dp_mean(torch.stack(losses).mean())
 

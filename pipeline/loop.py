@@ -82,6 +82,8 @@ class Meter:
         self.step_time, self.steps_timed = 0.0, 0
         tps = self.tokens_per_step / elapsed
         tflops = self.flops_per_token * tps / self.world / 1e12
+        if self.cfg.train.z_loss:  # the z-loss term, logged apart from the cross-entropy in `loss`
+            extra = {**(extra or {}), "z_loss": engine.last_z_loss}
         self.metrics.write({"step": state.step, "loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
                             "consumed_samples": state.consumed_samples,
                             "tokens": state.consumed_samples * self.cfg.model.seq_len, "tokens_per_sec": tps,

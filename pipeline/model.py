@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, padded_vocab_size
+from .loss import head_loss
 
 
 class RMSNorm(nn.Module):
@@ -146,6 +147,21 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.post_attn_norm(x)))
 
 
+class LMHead(nn.Linear):
+    """The output projection. Given labels it returns the loss instead, (mean cross-entropy, mean logsumexp²),
+    fused and chunked (pipeline/loss.py): the training path never holds the whole micro batch's logits."""
+
+    def __init__(self, hidden: int, rows: int, vocab_size: int):
+        super().__init__(hidden, rows, bias=False)
+        self.vocab_size = vocab_size
+        self.chunk_tokens = 0  # train.loss_chunk_tokens (0 = auto), set by the engine
+
+    def forward(self, h, labels=None):
+        if labels is None:
+            return super().forward(h)
+        return head_loss(h, self.weight, labels, self.vocab_size, chunk_tokens=self.chunk_tokens)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int = 1, init_seed: int | None = None):
         """`tp` only sets the vocabulary padding (a multiple of make_vocab_size_divisible_by x tp).
@@ -168,7 +184,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else \
             nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, self.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, self.padded_vocab_size, self.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if cfg.arch == "llama":
@@ -209,10 +225,13 @@ class Transformer(nn.Module):
             return None
         return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
 
-    def forward(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int = 0,
+                labels: torch.Tensor | None = None):
         """tokens [batch, seq] → logits [batch, seq, vocab]. `caches` (one dict per layer) enables KV caching.
 
-        Vocab-parallel (after apply_tp): logits [batch, seq, padded_vocab/tp], this rank's slice, padding included."""
+        Vocab-parallel (after apply_tp): logits [batch, seq, padded_vocab/tp], this rank's slice, padding included.
+        With `labels` [batch, seq] (IGNORE = -100 left out): (mean cross-entropy, mean logsumexp²) instead,
+        computed by the head in chunks, never the whole logits."""
         s = tokens.shape[1]
         if start_pos + s > self.cfg.seq_len:
             raise ValueError(f"sequence of {start_pos + s} tokens exceeds model.seq_len {self.cfg.seq_len}")
@@ -227,6 +246,8 @@ class Transformer(nn.Module):
                 h = torch.utils.checkpoint.checkpoint(layer, h, rope, use_reentrant=False)
             else:
                 h = layer(h, rope, cache)
+        if labels is not None:
+            return self.lm_head(self.norm(h), labels)
         logits = self.lm_head(self.norm(h))
         if self.vocab_parallel or logits.shape[-1] == self.vocab_size:
             return logits

@@ -12,7 +12,9 @@ data-parallel ranks, ZeRO-2 also the gradients, ZeRO-3 also the weights; offload
 Activations per layer and micro batch follow Korthikanti et al. (2022) with fused attention (no s² term):
 s·b·h·(10 + 24/t) bytes in 16-bit (twice in fp32), or 2·s·b·h with full activation checkpointing plus one
 layer's worth during recomputation; the first pipeline stage holds `pp` micro batches of its L/pp layers in
-flight under 1F1B, i.e. L layers' worth. The logits add s·b·V/t·(4 + bytes per activation).
+flight under 1F1B, i.e. L layers' worth. The fused LM head + loss (pipeline/loss.py) holds one chunk of C
+tokens' logits at a time: C·V/t·(8 + bytes per activation) (fp32 logits and their exponentials, the 16-bit
+matmul output), plus an fp32 gradient accumulator of the head, V/t·h·4, and one fp32 scalar per token.
 """
 from __future__ import annotations
 
@@ -78,7 +80,11 @@ def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, fl
     full_layer = s * b * h * (10 + 24 / tp) * act_scale
     layers = m.num_layers  # first stage under 1F1B: pp micro batches x L/pp layers
     acts = layers * (2 * s * b * h * act_scale) + full_layer if checkpointing else layers * full_layer
-    logits = s * b * padded_vocab_size(m, tp) / tp * (4 + wbytes)
+    from .loss import auto_chunk_tokens
+
+    rows = padded_vocab_size(m, tp) // tp
+    chunk = min(s * b, t.loss_chunk_tokens or auto_chunk_tokens(rows))
+    logits = chunk * rows * (8 + wbytes) + rows * h * 4 + s * b * 4
     return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts + logits}
 
 

@@ -160,9 +160,10 @@ def _vocab_probe(engine, out: str):
             return result
 
     batch = global_batch(0)[:2]
-    with Shapes():
+    with torch.no_grad():
         logits = engine.engine(batch[:, :-1])
-        loss = engine.loss(logits, batch[:, 1:])
+    with Shapes():  # the training path: the head fused with the chunked loss
+        loss, _ = engine.engine(batch[:, :-1], labels=batch[:, 1:])
         engine.engine.backward(loss)
     if torch.distributed.get_rank() == 0:
         torch.save({"local_logit_cols": logits.shape[-1], "largest_vocab_dim": max(seen),
@@ -233,6 +234,7 @@ def _worker(out: str) -> None:
 
     from pipeline import dist
     from pipeline.engine import build_engine
+    from pipeline.optim import Schedule, lr_at
 
     dist.init_distributed(300)
     world, rank = dist.world_size(), dist.rank()
@@ -244,7 +246,11 @@ def _worker(out: str) -> None:
             engine = build_engine(cfg)
             per = 8 // engine.dp_size
             mine = slice(engine.dp_rank * per, (engine.dp_rank + 1) * per)
-            losses = [engine.train_step(global_batch(s)[mine]) for s in range(STEPS)]
+            schedule = Schedule.from_train_config(cfg.train)
+            losses = []
+            for s in range(STEPS):  # the LR of each step, as the train loop sets it (pipeline/optim.py)
+                engine.set_lr(lr_at(s, schedule))
+                losses.append(engine.train_step(global_batch(s)[mine]))
             losses.append(engine.eval_loss(global_batch(99)[mine]))
             norm = engine.grad_norm()
             params = engine.full_state_dict()

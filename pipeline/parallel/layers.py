@@ -100,20 +100,30 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """Output projection onto this rank's vocabulary rows: logits [..., rows], never the full vocabulary."""
+    """Output projection onto this rank's vocabulary rows [vocab_start, vocab_start + rows): logits [..., rows],
+    never the full vocabulary. Given labels, the chunked vocab-parallel loss instead (pipeline/loss.py)."""
 
-    def __init__(self, weight: nn.Parameter, group):
+    def __init__(self, weight: nn.Parameter, group, vocab_start: int = 0, vocab_size: int | None = None):
         super().__init__()
-        self.group = group
+        self.group, self.vocab_start = group, vocab_start
+        self.vocab_size = vocab_size if vocab_size is not None else vocab_start + weight.shape[0]
         self.weight = weight  # a fresh sharded Parameter, or the embedding's (tied)
+        self.chunk_tokens = 0  # train.loss_chunk_tokens (0 = auto), set by the engine
 
-    def forward(self, h):
-        return F.linear(copy_to_tp(h, self.group), self.weight)
+    def forward(self, h, labels=None):
+        h = copy_to_tp(h, self.group)  # backward: the partial input gradients of every rank's columns summed
+        if labels is None:
+            return F.linear(h, self.weight)
+        from ..loss import head_loss
+
+        return head_loss(h, self.weight, labels, self.vocab_size, self.vocab_start, self.group, self.chunk_tokens)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int,
                                  group, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy from this rank's logit columns [vocab_start, vocab_start + n).
+
+    The unchunked reference (given whole logits): training goes through VocabParallelHead(h, labels).
 
     Only per-token scalars cross ranks (max, sum of exponentials, target logit): the full-vocabulary logits are
     never materialised. Columns at or past `vocab_size` (padding) are excluded. Computed in fp32; the result is

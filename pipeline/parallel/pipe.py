@@ -7,7 +7,9 @@ checkpoint (XX the layer index below, YY the TP rank when tp > 1), holding that 
     1 … L      BlockPipe   block i-1: the keys of `layers.{i-1}.*` without that prefix
     L+1        NormPipe    norm.weight (+ norm.bias for gpt)
     L+2        HeadPipe    lm_head.weight (llama); for gpt (tied) the head reuses layer 0's embed_tokens.weight
-                           through TiedLayerSpec and writes no file of its own
+                           through TiedLayerSpec and writes no file of its own. It passes the hidden states on:
+                           the pipeline's loss_fn applies the head fused with the chunked loss (`head_loss`),
+                           so the last stage never holds a micro batch's whole logits
 
 `pipe_layer_to_names(cfg)` gives this mapping as data; `pipe_state_to_model` renames one layer's state dict.
 Stages are balanced by transformer blocks (partition_method "type:BlockPipe"); the embedding sits on the first
@@ -98,7 +100,8 @@ class NormPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    """The output projection; for tied embeddings built as the last stage's copy of the embedding."""
+    """The output projection, owned here and applied by the loss (`head_loss`); for tied embeddings built as the
+    last stage's copy of the embedding."""
 
     def __init__(self, model: Transformer, tied: bool = False):
         super().__init__()
@@ -109,11 +112,13 @@ class HeadPipe(nn.Module):
         if not tied:
             self.lm_head = model.lm_head
         self._head = [model.lm_head]  # a list, so that it is not registered twice
-        self.vocab = None if model.vocab_parallel else model.vocab_size
 
     def forward(self, h):
-        logits = self._head[0](h)
-        return logits[..., :self.vocab] if self.vocab and logits.shape[-1] != self.vocab else logits
+        return h
+
+    def head_loss(self, h, labels):
+        """(mean cross-entropy, mean logsumexp²) of this head's logits on h, in chunks (pipeline/loss.py)."""
+        return self._head[0](h, labels)
 
 
 def _tied_head_forward(module, h):

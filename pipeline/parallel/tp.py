@@ -137,11 +137,12 @@ def apply_tp(model, state) -> None:
     rows = model.padded_vocab_size // tp
     model.embed_tokens = VocabParallelEmbedding(shards["embed_tokens.weight"], rank * rows, group)
     if cfg.tie_embeddings:
-        model.lm_head = VocabParallelHead(model.embed_tokens.weight, group)
+        model.lm_head = VocabParallelHead(model.embed_tokens.weight, group, rank * rows, model.vocab_size)
     else:
         from .layers import mark_sharded
 
-        model.lm_head = VocabParallelHead(mark_sharded(torch.nn.Parameter(shards["lm_head.weight"]), 0), group)
+        model.lm_head = VocabParallelHead(mark_sharded(torch.nn.Parameter(shards["lm_head.weight"]), 0), group,
+                                          rank * rows, model.vocab_size)
     model.vocab_parallel = True
     model.vocab_start = rank * rows
 
