@@ -55,12 +55,24 @@ export_and_generate() {
   python -m pipeline.convert to-hf "$OUT/zero3-bf16/ckpt" "$OUT/hf" --dtype bf16 &&
   python -m pipeline.generate "$OUT/hf" --prompt "The import statement" --max-new-tokens 32
 }
+see_a_run() {  # per-rank forward timing from CUDA events in the log; evaluate and report on the GPU run's files
+  python - "$OUT/zero3-bf16/log.jsonl" <<'PY' &&
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"split"' not in l]
+print(f"forward {1000 * rows[-1]['rank_forward_s']:.2f} ms/step (CUDA events), slowest rank {rows[-1]['slowest_rank']}")
+sys.exit(0 if all(r.get("rank_forward_s", 0) > 0 and r.get("slowest_rank") == 0 for r in rows) else 1)
+PY
+  python -m pipeline.evaluate "$OUT/zero3-bf16/ckpt" --config configs/tiny.yaml parallel.zero_stage=3 \
+    train.precision=bf16 "data.datasets=[{path: $OUT/tokens, weight: 1}]" log.jsonl="$OUT/zero3-bf16/log.jsonl" &&
+  python -m pipeline.report "$OUT"/*/log.jsonl --output "$OUT/report"
+}
 check data data
 check zero3-bf16 train zero3-bf16 parallel.zero_stage=3 train.precision=bf16
 check zero1-fp16 train zero1-fp16 parallel.zero_stage=1 train.precision=fp16
 check zero3-offload train zero3-offload parallel.zero_stage=3 parallel.offload_optimizer=true parallel.offload_params=true train.precision=bf16
 check resume-zero3-bf16 resume
 check export-generate export_and_generate
+check see-a-run see_a_run  # needs matplotlib and pyarrow
 check mfu-bench python bench/model.py --gpu-steps 10
 grep -h "overflow" "$OUT/zero1-fp16.log" | head -n 3
 grep -h -i "mfu" "$OUT/mfu-bench.log" | tail -n 3
