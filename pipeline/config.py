@@ -56,6 +56,7 @@ class ParallelConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
+    sp: int = 1  # Ulysses sequence parallel degree: each rank holds seq_len/sp tokens of every sample
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON; its values win over ours
 
 
@@ -98,8 +99,12 @@ class TrainConfig:
     # Resuming with another LR schedule (lr, min_lr, warmup_steps, decay_style, steps) is refused unless set; then
     # the schedule of this config applies from the resumed step on (Megatron's --override-opt_param-scheduler).
     override_lr_schedule: bool = False
+    # Past this many minutes since start-up, save a committed checkpoint and exit 85 (requeue me), for clusters that
+    # cannot signal before a time limit (Megatron's --exit-duration-in-mins). 0 = no limit.
+    exit_after_minutes: float = 0.0
     loss_chunk_tokens: int = 0   # tokens per chunk of the fused LM head + loss; 0 = auto (~128 MiB of fp32 logits)
     z_loss: float = 0.0          # coefficient of the z-loss, z · mean(logsumexp(logits)²) (PaLM, OLMo); 0 = off
+    compile: bool = False        # torch.compile each transformer block (torchtitan's granularity)
 
 
 @dataclass
@@ -112,6 +117,9 @@ class CheckpointConfig:
     # commit cannot leave a "committed" tag with unwritten data. Saves on SIGUSR1/SIGTERM skip it (grace period).
     sync: bool = True
     force: bool = False  # resume even if the model shape or the data fingerprint differs from the checkpoint's
+    # Copy the tensors to host memory and write (flush, commit) in the background while training goes on; costs one
+    # more host copy of each rank's shard (pipeline.plan counts it). The commit protocol is unchanged.
+    async_save: bool = False
 
 
 @dataclass
@@ -277,6 +285,8 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     problems += rope_scaling_problems(m.rope_scaling)
     if p.zero_stage not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
+    if p.deepspeed_config and not os.path.isfile(p.deepspeed_config):
+        problems.append(f"parallel.deepspeed_config: {p.deepspeed_config} is not a file")
     if p.pp > 1 and p.zero_stage >= 2:
         problems.append(f"parallel.zero_stage {p.zero_stage} with parallel.pp {p.pp}: DeepSpeed's pipeline engine supports ZeRO 0-1 only; set parallel.zero_stage=1")
     if p.pp > 1 and p.zero_stage == 0 and t.precision == "bf16":
@@ -315,7 +325,7 @@ AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.num_heads", "mod
                 "train.dist_timeout_s", "log.interval")
 AT_LEAST_ZERO = ("train.warmup_steps", "train.eval_interval", "train.lr", "train.min_lr", "train.weight_decay",
                  "train.grad_clip", "checkpoint.interval", "checkpoint.keep", "model.dropout",
-                 "train.loss_chunk_tokens", "train.z_loss")
+                 "train.loss_chunk_tokens", "train.z_loss", "train.exit_after_minutes")
 
 
 def size_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:

@@ -25,10 +25,10 @@ LAYOUTS = [  # (name, processes, arch, ZeRO stage, overrides, reshape target (tp
 RESHAPES = [layout for layout in LAYOUTS if layout[5]]
 _RUNS = {}  # layout name -> its run folder: each layout is trained once for both tests
 
-def layout_config(tmp, token_dir, arch: str) -> str:
+def layout_config(tmp, token_dir, arch: str, **model_keys) -> str:
     # 1024 tokens padded to a multiple of 96·tp (1056 rows, 1152 under tp2): export must cut the padding off
     model = {"arch": arch, "num_layers": 2, "hidden_size": 64, "num_heads": 4, "seq_len": 32,
-             "make_vocab_size_divisible_by": 96}
+             "make_vocab_size_divisible_by": 96, **model_keys}
     if arch == "llama":
         model.update(kv_heads=2, ffn_hidden_size=160)
     cfg = {"model": model,
@@ -111,32 +111,44 @@ def test_reshape_then_resume_continues_the_loss(layout, tmp_path_factory, token_
     assert (out / "latest").read_text() == f"global_step{STEPS // 2}"
     run_cli("-m", "pipeline.train", "--config", trained / "run.yaml", f"parallel.zero_stage={zero}",
             f"parallel.tp={tp}", f"parallel.pp={pp}", f"checkpoint.dir={out}",
-            f"parallel.deepspeed_config={out / 'ds_universal.json'}", f"log.jsonl={tmp_path / 'resumed.jsonl'}")
+            f"log.jsonl={tmp_path / 'resumed.jsonl'}")
     train, train2 = logged(trained / "log.jsonl")[0], logged(tmp_path / "resumed.jsonl")[0]
     assert sorted(train2) == [3, 4]
     assert abs(train2[3] - train[3]) <= 1e-4, (train2, train)
     assert abs(train2[4] - train[4]) <= 2e-4, (train2, train)
 
 
-def test_from_hf_starts_a_run_with_frozen_layers(tmp_path, token_dir):
-    """An HF Llama → from-hf → a ZeRO-3 run with train.freeze_layers=1: the first loss is the HF model's loss on
-    the first batch, and after training the embeddings and block 0 still equal the HF weights (exported from
-    ZeRO-3's frozen-parameter fragments). Two data-parallel ranks, each starting from the weights-only tag."""
+FREEZE_LAYOUTS = [  # (name, processes, ZeRO stage, overrides)
+    ("dp2-zero3", 2, 3, []),
+    ("tp2-zero3", 2, 3, ["parallel.tp=2"]),
+    ("pp2-tp2-zero1", 4, 1, ["parallel.pp=2", "parallel.tp=2"]),
+]
+
+
+@pytest.mark.parametrize("layout", FREEZE_LAYOUTS, ids=[f[0] for f in FREEZE_LAYOUTS])
+def test_from_hf_starts_a_run_with_frozen_layers(layout, tmp_path, token_dir):
+    """An HF Llama 3.1 (llama3 RoPE scaling) → from-hf → a run with train.freeze_layers=1 in each layout: the
+    first loss is the HF model's loss on the first batch, and after training the embeddings and block 0 still
+    equal the HF weights bit for bit (exported from the layout's files), while the rest has moved."""
     import transformers
     from safetensors.torch import load_file
 
     from pipeline.convert import to_hf
 
+    name, nproc, zero, overrides = layout
     torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
     hf_cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=False, initializer_range=0.05)
+                                      tie_word_embeddings=False, initializer_range=0.05, rope_theta=500000.0,
+                                      rope_scaling=rope)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
-    cfg = layout_config(tmp_path, token_dir, "llama")
+    cfg = layout_config(tmp_path, token_dir, "llama", rope_theta=500000.0, rope_scaling=rope)
     run_cli("-m", "pipeline.convert", "from-hf", tmp_path / "hf", tmp_path / "ckpt", "--config", cfg)
-    torchrun(2, "-m", "pipeline.train", "--config", cfg, "train.steps=2", "train.freeze_layers=1",
-             "train.eval_interval=0")
+    torchrun(nproc, "-m", "pipeline.train", "--config", cfg, "train.steps=2", "train.freeze_layers=1",
+             "train.eval_interval=0", f"parallel.zero_stage={zero}", *overrides)
 
     from pipeline.config import from_dict
     from pipeline.data import TokenDocuments, batch_for_rank, build_datasets
