@@ -150,6 +150,15 @@ def flip_idx_byte(where):
     return setup
 
 
+def idx_dtype_int16(c):
+    """uint16 → int16 (dtype code 8 → 3): same item size, so sizes and pointers still agree; the manifest does not."""
+    path = c.out / "shard_00000.idx"
+    data = bytearray(path.read_bytes())
+    assert data[17] == 8
+    data[17] = 3
+    path.write_bytes(bytes(data))
+
+
 def edit_input_in_place(c):
     """A copy of the corpus, tokenized, then one character changed: same size, same modification time."""
     src = c.tmp / "src"
@@ -247,6 +256,8 @@ TABLE = [
     ("data: manifest {}", manifest("{}"), "pipeline.data", DATA_INSPECT, 2, "(key 'shards' is missing"),
     ("data: flipped .idx pointer", flip_idx_byte("pointer"), "pipeline.data", DATA_INSPECT, 2,
      "shard_00000.idx: corrupt index"),
+    ("data: .idx dtype changed", idx_dtype_int16, "pipeline.data", DATA_INSPECT, 2,
+     "shard_00000.idx: dtype int16, the manifest says uint16"),
     ("data verify: flipped .idx document index", flip_idx_byte("doc_index"), "pipeline.data",
      ["verify", "--config", "{cfg}"], 2, "shard_00000.idx: sha256"),
     ("data inspect --step -1", None, "pipeline.data", DATA_INSPECT + ["--step", "-1"], 2, "--step -1"),
