@@ -93,7 +93,8 @@ def _hf_cut_ok(text: str, j: int) -> bool:
 
 def _hf_segments(text: str, size: int):
     """Cut `text` into pieces of about `size` characters just before the space of a word gap (byte-level BPE
-    pre-tokenizers attach the space to the next word), at cuts that pass _hf_cut_ok; the rest stays whole."""
+    pre-tokenizers attach the space to the next word), at cuts that pass _hf_cut_ok. A tokenizer where no cut
+    passes (no pre-tokenizer, or a normalizer that prepends to every text) gets the rest in one piece."""
     start, n = 0, len(text)
     while n - start > size:
         j, tries = _word_gap(text, start + size, min(n - 1, start + 2 * size)), 0
@@ -134,7 +135,8 @@ def encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return (np.concatenate(arrays) if arrays else np.empty(0, _dtype)), lengths
     if _hf is not None:
         # What `tokenizer(text)["input_ids"]` gives (post-processor specials included), in one Rust call.
-        ids = [e.ids for e in _hf.encode_batch_fast(texts, add_special_tokens=True)]
+        encode = getattr(_hf, "encode_batch_fast", _hf.encode_batch)  # _fast (no offsets) since tokenizers 0.20
+        ids = [e.ids for e in encode(texts, add_special_tokens=True)]
         add_eod = True
     else:
         ids = _sp.encode(texts, add_eos=_add_eos, num_threads=1)

@@ -296,6 +296,14 @@ def test_byte_bpe_folder_is_gpt2_style(kinds):
     assert info["kind"] == "hf" and info["model_type"] == "byte-bpe" and info["eod_token"] == "<|endoftext|>"
 
 
+def test_a_train_tokenizer_folder_means_its_sentencepiece_model(tokenizer_model):
+    from preprocess.tokenizer import describe_tokenizer
+
+    tok = describe_tokenizer(str(tokenizer_model.parent))
+    assert tok["kind"] == "sentencepiece" and tok["path"] == str(tokenizer_model)
+    assert tok == describe_tokenizer(str(tokenizer_model))
+
+
 @pytest.mark.parametrize("model_type,vocab,fragment", [
     ("bpe", "0", "--vocab-size must be at least 1"),
     ("unigram", "-5", "--vocab-size must be at least 1"),
