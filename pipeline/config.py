@@ -33,6 +33,10 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128  # embedding rows padded so that tp shards are equal (Megatron)
+    # causal | block_causal: attention (and positions) restart after every EOD token of a packed sample
+    attn_mask_type: str = "causal"
+    eod_id: int | None = None           # None = the tokenizer's end-of-document id, from the data manifest
+    qk_norm: bool = False               # llama: RMSNorm over each head's queries and keys (Qwen3, OLMo 2)
 
     def __post_init__(self):
         """Fill the arch-dependent defaults once, when the section is built (from_dict builds it from the final
@@ -84,7 +88,8 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 10
-    decay_style: str = "cosine"  # cosine | linear | constant
+    decay_style: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.1  # wsd: the last fraction of train.steps decays (linearly) to min_lr
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -96,6 +101,11 @@ class TrainConfig:
     dist_timeout_s: int = 600
     freeze_layers: int = 0       # freeze the bottom K transformer blocks (and the embeddings) when K > 0
     on_nonfinite: str = "stop"   # stop | skip: what a non-finite loss does (fp16 overflow is always skipped)
+    # Loss-spike skipping: a step whose loss or gradient norm lies more than spike_sigma standard deviations above
+    # the mean of the last spike_window applied steps is not applied (on every rank alike), logged and counted.
+    skip_spikes: bool = False
+    spike_window: int = 128
+    spike_sigma: float = 6.0
     # Resuming with another LR schedule (lr, min_lr, warmup_steps, decay_style, steps) is refused unless set; then
     # the schedule of this config applies from the resumed step on (Megatron's --override-opt_param-scheduler).
     override_lr_schedule: bool = False
@@ -295,8 +305,21 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
                         "set parallel.zero_stage=1")
     if t.precision not in ("fp32", "bf16", "fp16"):
         problems.append(f"train.precision must be fp32, bf16 or fp16, got '{t.precision}'")
-    if t.decay_style not in ("cosine", "linear", "constant"):
-        problems.append(f"train.decay_style must be cosine, linear or constant, got '{t.decay_style}'")
+    if t.decay_style not in ("cosine", "linear", "constant", "wsd"):
+        problems.append(f"train.decay_style must be cosine, linear, constant or wsd, got '{t.decay_style}'")
+    if not 0 < t.decay_fraction <= 1:
+        problems.append(f"train.decay_fraction must be in (0, 1], got {t.decay_fraction}")
+    if m.attn_mask_type not in ("causal", "block_causal"):
+        problems.append(f"model.attn_mask_type must be causal or block_causal, got '{m.attn_mask_type}'")
+    if m.qk_norm and m.arch != "llama":
+        problems.append("model.qk_norm needs model.arch llama (GPT-2 has no per-head query/key norm)")
+    if t.skip_spikes:
+        if t.spike_window < 2 or t.spike_sigma <= 0:
+            problems.append(f"train.spike_window must be >= 2 and train.spike_sigma > 0, got {t.spike_window} "
+                            f"and {t.spike_sigma}")
+        if p.zero_stage == 0:
+            problems.append("train.skip_spikes needs parallel.zero_stage 1-3 (the skip goes through the ZeRO "
+                            "optimizer's own skipped-step path)")
     if t.on_nonfinite not in ("stop", "skip"):
         problems.append(f"train.on_nonfinite must be stop or skip, got '{t.on_nonfinite}'")
     elif t.on_nonfinite == "skip" and t.precision != "fp16":

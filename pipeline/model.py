@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend, doc_mask, document_ids, document_positions, use_flex
 from .config import ModelConfig, padded_vocab_size
 from .loss import head_loss
 
@@ -29,10 +30,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps: float):
+    """weight · x / rms(x) over the last dimension, the statistics in fp32 (as transformers' Llama)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +92,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.dropout = cfg.dropout
         self.use_rope = cfg.arch == "llama"
+        self.qk_norm = cfg.qk_norm  # Qwen3 / OLMo 2: RMSNorm over each head's queries and keys, before RoPE
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
+        """`mask` None: causal. Else a block-causal mask from pipeline/attention.py's doc_mask (over the cached
+        keys too); `rope` then holds per-token tables [batch, 1, seq, head_dim] (positions restart per document)."""
         b, s, _ = x.shape
         # Head counts come from the weights, so a tensor-parallel shard (fewer heads) runs the same code.
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -105,7 +119,10 @@ class Attention(nn.Module):
             cache["k"], cache["v"] = k, v
         # Grouped-query attention: SDPA shares each kv head across its query group without copying it.
         gqa = k.shape[1] != q.shape[1]
-        if past == 0:
+        if mask is not None:
+            with self.dropout_rng():
+                out = attend(q, k, v, mask, self.dropout if self.training else 0.0, gqa)
+        elif past == 0:
             with self.dropout_rng():
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
                                                      dropout_p=self.dropout if self.training else 0.0)
@@ -142,8 +159,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.drop(self.attn(self.input_norm(x), rope, cache))
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.drop(self.attn(self.input_norm(x), rope, cache, mask))
         return x + self.drop(self.mlp(self.post_attn_norm(x)))
 
 
@@ -172,6 +189,8 @@ class Transformer(nn.Module):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is unset (it is normally taken from the data manifest)")
+        if cfg.attn_mask_type == "block_causal" and cfg.eod_id is None:
+            raise ValueError("model.attn_mask_type block_causal needs model.eod_id (normally from the data manifest)")
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.padded_vocab_size = padded_vocab_size(cfg, tp)
@@ -225,6 +244,23 @@ class Transformer(nn.Module):
             return None
         return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
 
+    def rope_at(self, positions: torch.Tensor):
+        """Per-token RoPE tables [batch, 1, seq, head_dim] for positions [batch, seq] (None for gpt)."""
+        if self.cfg.arch != "llama":
+            return None
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+
+    def documents(self, tokens: torch.Tensor, caches: list | None = None):
+        """block_causal: (positions [batch, seq] inside each document, the attention mask) for `tokens`, after
+        the tokens already in `caches` (generation: kept in the first layer's cache, a few ints per token)."""
+        s, seen = tokens.shape[1], None
+        if caches is not None:
+            seen = caches[0].get("tokens")
+            tokens = caches[0]["tokens"] = tokens if seen is None else torch.cat([seen, tokens], dim=1)
+        doc = document_ids(tokens, self.cfg.eod_id)
+        flex = caches is None and use_flex(tokens.device, self.cfg.dropout if self.training else 0.0)
+        return document_positions(doc)[:, -s:], doc_mask(doc, q_len=s, flex=flex)
+
     def forward(self, tokens: torch.Tensor, caches: list | None = None, start_pos: int = 0,
                 labels: torch.Tensor | None = None):
         """tokens [batch, seq] → logits [batch, seq, vocab]. `caches` (one dict per layer) enables KV caching.
@@ -235,17 +271,23 @@ class Transformer(nn.Module):
         s = tokens.shape[1]
         if start_pos + s > self.cfg.seq_len:
             raise ValueError(f"sequence of {start_pos + s} tokens exceeds model.seq_len {self.cfg.seq_len}")
+        mask = None
+        if self.cfg.attn_mask_type == "block_causal":  # positions restart at every document
+            positions, mask = self.documents(tokens, caches)
+            rope = self.rope_at(positions)
+        else:
+            positions = torch.arange(start_pos, start_pos + s, device=tokens.device)
+            rope = self._rope(start_pos, s)
         h = self.embed_tokens(tokens)
         if self.cfg.arch == "gpt":
-            h = h + self.embed_positions(torch.arange(start_pos, start_pos + s, device=tokens.device))
+            h = h + self.embed_positions(positions)
         h = self.drop(h)
-        rope = self._rope(start_pos, s)
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
             if self.checkpoint_activations and self.training and cache is None:
-                h = torch.utils.checkpoint.checkpoint(layer, h, rope, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, None, mask, use_reentrant=False)
             else:
-                h = layer(h, rope, cache)
+                h = layer(h, rope, cache, mask)
         if labels is not None:
             return self.lm_head(self.norm(h), labels)
         logits = self.lm_head(self.norm(h))

@@ -34,7 +34,7 @@ class Schedule:
     @classmethod
     def from_train_config(cls, t) -> "Schedule":
         return cls(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps, decay_style=t.decay_style,
-                   decay_fraction=getattr(t, "decay_fraction", 0.1))
+                   decay_fraction=t.decay_fraction)
 
 
 def lr_at(step: int, s: Schedule) -> float:

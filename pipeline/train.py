@@ -39,6 +39,11 @@ def prepare(args):
         if not docs[0].tokenizer:
             raise ValueError("model.vocab_size is unset and the first dataset has no manifest to take it from")
         cfg.model.vocab_size = docs[0].tokenizer["vocab_size"]
+    if cfg.model.eod_id is None and cfg.model.attn_mask_type == "block_causal":
+        cfg.model.eod_id = (docs[0].tokenizer or {}).get("eod_id")
+        if cfg.model.eod_id is None:
+            raise ValueError("model.attn_mask_type block_causal needs model.eod_id: set it, or tokenize the data "
+                             "with `preprocess tokenize` (its manifest records the EOD id)")
     validate(cfg, world_size_from_env())
     for key, path, is_dir in (("checkpoint.dir", cfg.checkpoint.dir, True), ("log.jsonl", cfg.log.jsonl, False),
                               ("log.tensorboard_dir", cfg.log.tensorboard_dir, True)):

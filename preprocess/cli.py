@@ -27,10 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special tokens included")
     t.add_argument("--model-type", choices=["bpe", "unigram", "byte-bpe"], default="bpe",
                    help="bpe/unigram: SentencePiece with byte fallback (tokenizer.model); byte-bpe: GPT-2-style "
-                   "byte-level BPE with <|endoftext|>, a folder transformers.AutoTokenizer loads")
-    t.add_argument("--text-key", default="text", help="JSON field holding the text; dots reach into objects")
-    t.add_argument("--sample-docs", type=int, default=100_000, help="documents sampled uniformly over all inputs")
-    t.add_argument("--seed", type=int, default=1234)
+                   "byte-level BPE with <|endoftext|>, a folder transformers.AutoTokenizer loads (default %(default)s)")
+    t.add_argument("--text-key", default="text",
+                   help="JSON field holding the text; dots reach into objects (default %(default)s)")
+    t.add_argument("--sample-docs", type=int, default=100_000, help="documents sampled uniformly over all inputs "
+                   "(default %(default)s)")
+    t.add_argument("--seed", type=int, default=1234, help="seed of the document sample (default %(default)s)")
 
     k = sub.add_parser(
         "tokenize", help="tokenize a corpus into .bin/.idx shards and manifest.json",
@@ -39,17 +41,18 @@ def _parser() -> argparse.ArgumentParser:
         "re-run the same command to resume. Under mpirun/mpiexec or `srun --mpi=pmi2` the ranks split the work "
         "and rank 0 writes the manifest. In a Slurm array, give each task --part $SLURM_ARRAY_TASK_ID "
         "--num-parts $SLURM_ARRAY_TASK_COUNT, then run `python -m preprocess join OUT` once all tasks are done.")
-    k.add_argument("inputs", nargs="+", metavar="INPUT")
+    k.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs, as for train-tokenizer")
     k.add_argument("--tokenizer", required=True, help="a SentencePiece tokenizer.model, a Hugging Face "
                    "tokenizer.json, or a folder that transformers.AutoTokenizer loads")
     k.add_argument("--eod-token", help="the token appended to every document (default: the tokenizer's EOS, "
                    "e.g. <|endoftext|>); needed for a tokenizer without one")
     k.add_argument("--output", required=True, help="output folder (shards + manifest.json)")
-    k.add_argument("--text-key", default="text", help="JSON field holding the text; dots reach into objects")
+    k.add_argument("--text-key", default="text",
+                   help="JSON field holding the text; dots reach into objects (default %(default)s)")
     k.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)),
                    help="tokenizer processes (per MPI rank or array task); default: all CPUs")
     k.add_argument("--shard-tokens", type=int, default=1 << 30,
-                   help="close a shard at the first document boundary past this many tokens")
+                   help="close a shard at the first document boundary past this many tokens (default 2^30)")
     k.add_argument("--unit-bytes", type=int, default=UNIT_BYTES,
                    help="size of a unit of work: smaller inputs are grouped, larger .jsonl files cut into "
                    "ranges of this size; shards never span units (default 256 MiB)")
@@ -58,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true", help="replace output made with different arguments (or "
                    "from inputs changed since); the old output stays until the new run has completed")
     k.add_argument("--log-interval", type=float, default=30.0, metavar="SECONDS",
-                   help="when stderr is not a terminal (batch jobs), log progress this often (a terminal gets a bar)")
+                   help="when stderr is not a terminal (batch jobs), log progress this often (a terminal gets a bar; "
+                   "default %(default)s)")
     k.add_argument("--part", type=int, help="do only part I of the units (0-based; with --num-parts); "
                    "no manifest is written: run `join` once every part is done")
     k.add_argument("--num-parts", type=int, help="number of parts K: part I takes units I, I+K, I+2K, ...")
@@ -66,16 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     j = sub.add_parser("join", help="after every `tokenize --part` task: write the manifest that training reads",
                        description="Number the shards of all parts in input order and write OUT/manifest.json. "
                        "Fails, naming the first missing unit, until every part has finished; safe to re-run.")
-    j.add_argument("output")
+    j.add_argument("output", help="the output folder of the tokenize --part tasks")
 
     i = sub.add_parser("inspect", help="summarise a tokenized output folder and decode documents")
-    i.add_argument("output")
-    i.add_argument("--docs", type=int, default=0, help="decode the first K documents")
+    i.add_argument("output", help="a tokenize output folder")
+    i.add_argument("--docs", type=int, default=0, help="decode the first K documents (default %(default)s)")
     i.add_argument("--verify", action="store_true", help="re-read every shard and check it against the manifest "
                    "(sha256, documents, tokens)")
 
     d = sub.add_parser("demo-corpus", help="write the built-in corpus (Python's own documentation) as jsonl")
-    d.add_argument("--output", required=True)
+    d.add_argument("--output", required=True, help="folder to write corpus.jsonl into")
     return p
 
 

@@ -7,7 +7,7 @@ import os
 
 from .commit import is_universal, is_weights_only, marker
 
-SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "decay_style", "steps")
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "decay_style", "steps", "decay_fraction")
 SHAPE_KEYS = ("arch", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_hidden_size", "vocab_size",
               "tie_embeddings")
 
@@ -60,12 +60,15 @@ def layout_change(ckpt_dir: str, tag: str, parallel_cfg: dict, world_size: int |
 def schedule_changes(ckpt_dir: str, tag: str, train_cfg: dict) -> list[str]:
     """The LR-schedule settings of `train_cfg` that differ from the ones `tag` was trained with ("train.lr a -> b").
 
-    `steps` counts only where it shapes the schedule (a decay that ends at train.steps)."""
+    `steps` counts only where it shapes the schedule (a decay that ends at train.steps), `decay_fraction` only
+    for wsd."""
     saved = _run_config(ckpt_dir, tag)
     if saved is None:
         return []  # check_compatible reports an unreadable run_config.json
     old = saved.get("train", {})
-    keys = [k for k in SCHEDULE_KEYS if k != "steps" or "constant" not in (old.get("decay_style"), train_cfg.get("decay_style"))]
+    styles = (old.get("decay_style"), train_cfg.get("decay_style"))
+    keys = [k for k in SCHEDULE_KEYS if (k != "steps" or "constant" not in styles)
+            and (k != "decay_fraction" or "wsd" in styles)]
     return [f"train.{k} {old.get(k)} -> {train_cfg.get(k)}" for k in keys if k in old and old.get(k) != train_cfg.get(k)]
 
 
@@ -78,6 +81,7 @@ def check_compatible(ckpt_dir: str, tag: str, model_cfg: dict, fingerprint: str 
     # a learned position table (gpt) has seq_len rows; RoPE models may change seq_len (context extension)
     keys = SHAPE_KEYS + (("seq_len",) if model_cfg.get("arch") == "gpt" else ())
     keys += tuple(k for k in ("qk_norm",) if k in old or k in model_cfg)
+    old = {"qk_norm": False, **old}  # saved before the key existed: no qk_norm
     diff = [f"model.{k} {old.get(k)} -> {model_cfg.get(k)}" for k in keys if old.get(k) != model_cfg.get(k)]
     if diff:
         return "the model shape differs from the checkpoint's: " + ", ".join(diff)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..attention import doc_mask, document_ids, document_positions, use_flex
 from ..model import Block, Transformer
 from .tp import materialize
 
@@ -60,12 +61,17 @@ class EmbedPipe(nn.Module):
             materialize(model, model.embed_positions, "embed_positions")
             self.embed_positions = model.embed_positions
         self.drop = model.drop
+        self.eod_id = model.cfg.eod_id if model.cfg.attn_mask_type == "block_causal" else None
 
     def forward(self, tokens):
+        """Hidden states; block_causal: (hidden states, document ids), the ids passed from stage to stage."""
+        doc = document_ids(tokens, self.eod_id) if self.eod_id is not None else None
         h = self.embed_tokens(tokens)
         if self.gpt:
-            h = h + self.embed_positions(torch.arange(tokens.shape[1], device=tokens.device))
-        return self.drop(h)
+            positions = torch.arange(tokens.shape[1], device=tokens.device) if doc is None else document_positions(doc)
+            h = h + self.embed_positions(positions)
+        h = self.drop(h)
+        return h if doc is None else (h, doc)
 
 
 class BlockPipe(Block):
@@ -82,11 +88,30 @@ class BlockPipe(Block):
             self.register_buffer("rope_cos", model.rope_cos, persistent=False)
             self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
-    def forward(self, h):
-        rope = (self.rope_cos[:h.shape[1]], self.rope_sin[:h.shape[1]]) if self.llama else None
+    def forward(self, inputs):
+        h, doc = inputs if isinstance(inputs, tuple) else (inputs, None)
+        mask = None
+        if doc is None:
+            rope = (self.rope_cos[:h.shape[1]], self.rope_sin[:h.shape[1]]) if self.llama else None
+        else:
+            positions, mask = self.documents(doc)
+            rope = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)) if self.llama else None
         if self.checkpoint_activations and self.training:
-            return torch.utils.checkpoint.checkpoint(super().forward, h, rope, use_reentrant=False)
-        return super().forward(h, rope)
+            h = torch.utils.checkpoint.checkpoint(super().forward, h, rope, None, mask, use_reentrant=False)
+        else:
+            h = super().forward(h, rope, None, mask)
+        return h if doc is None else (h, doc)
+
+    def documents(self, doc):
+        """(positions, mask) of a micro batch's document ids: made by the stage's first block, reused by the
+        others (the same ids tensor travels through the stage; the memo holds it, so identity is safe)."""
+        if _STAGE_DOCS[0] is not doc:
+            flex = use_flex(doc.device, self.attn.dropout if self.training else 0.0)
+            _STAGE_DOCS[:] = [doc, (document_positions(doc), doc_mask(doc, flex=flex))]
+        return _STAGE_DOCS[1]
+
+
+_STAGE_DOCS: list = [None, None]  # (document ids, (positions, mask)) of the micro batch the stage runs now
 
 
 class NormPipe(nn.Module):
@@ -96,7 +121,7 @@ class NormPipe(nn.Module):
         self.norm = model.norm
 
     def forward(self, h):
-        return self.norm(h)
+        return self.norm(h[0] if isinstance(h, tuple) else h)  # block_causal: the document ids end here
 
 
 class HeadPipe(nn.Module):

@@ -160,3 +160,21 @@ def apply_tp(model, state) -> None:
         for name in names:
             setattr(block.mlp, name, ColumnParallelLinear(*sub(f"{p}.mlp", name), group))
         block.mlp.down_proj = RowParallelLinear(*sub(f"{p}.mlp", "down_proj"), group)
+        if block.attn.qk_norm:
+            block.attn.q_norm, block.attn.k_norm = HeadNorm(block.attn.q_norm, group), HeadNorm(block.attn.k_norm, group)
+
+
+class HeadNorm(torch.nn.Module):
+    """q_norm/k_norm under TP. The weight is replicated, but each rank normalises only its own heads: its gradient
+    is summed over the TP group (copy_to_tp: identity forward, all-reduce backward), so it stays the same on every
+    rank and equals the unsharded model's. Same parameter, same name (`attn.q_norm.weight`)."""
+
+    def __init__(self, norm, group):
+        super().__init__()
+        self.weight, self.eps, self.group = norm.weight, norm.eps, group
+
+    def forward(self, x):
+        from ..model import rms_norm
+        from .layers import copy_to_tp
+
+        return rms_norm(x, copy_to_tp(self.weight, self.group), self.eps)
