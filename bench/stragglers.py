@@ -3,7 +3,7 @@
     .venv/bin/python bench/stragglers.py [--world 2] [--reps 2000]
 
 Spawns `--world` gloo ranks on this machine and times, per call (median of `--reps`):
-  - the one collective per log line: all_gather of 4 float64 per rank (StepTimer.gather_if_due);
+  - the one collective per log line: all_gather of 5 float64 per rank (StepTimer.gather_if_due);
   - the hooks' work per step: two perf_counter calls in forward hooks (CPU) around a tiny module;
   - a reference: a 2-layer, h64 model's forward+backward+AdamW step on one micro-batch of 4x64 tokens.
 """
@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int, reps: int, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", rank=rank, world_size=world)
-    mine = torch.zeros(4, dtype=torch.float64)
+    mine = torch.zeros(5, dtype=torch.float64)
     parts = [torch.empty_like(mine) for _ in range(world)]
     for _ in range(20):
         tdist.all_gather(parts, mine)
@@ -93,7 +93,7 @@ def main():
     for proc in procs:
         proc.join()
     print(f"world {args.world} (gloo, CPU), medians:")
-    print(f"  all_gather of 4 float64 per rank (once per log line): {gather:9.1f} us")
+    print(f"  all_gather of 5 float64 per rank (once per log line): {gather:9.1f} us")
     print(f"  tiny train step (2 layers, h64, 4x64 tokens):          {train_step:9.1f} us")
     print(f"  the same step with the two forward timing hooks:      {hooked:9.1f} us "
           f"({hooked / train_step:.3f}x)")

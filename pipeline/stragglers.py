@@ -8,11 +8,13 @@ name a straggler. What each rank does alone can:
     forward  its model forward, from hooks on the engine's module (CUDA events on a GPU, so no sync is added).
              Under the pipeline engine, the stage's forward of each micro-batch (train_batch is one call).
 
-Each rank sums these over the steps of one `log.interval`; then one all_gather of 4 floats per rank (one small
-collective per log line, not per step) gives rank 0 every rank's figures. A rank is compared with the median of
+Each rank sums these, and its whole train step, over the steps of one `log.interval`; then one all_gather of 5
+floats per rank (one small collective per log line, not per step) gives rank 0 every rank's figures. A rank is compared with the median of
 the ranks doing the same work (its pipeline stage); its ratio is (data + forward) / that median. The log line
 gets `slowest_rank`, `slowest_host`, `straggler_ratio`, the slowest rank's `rank_data_s`/`rank_forward_s` and
-the medians `median_data_s`/`median_forward_s` (seconds per step), and past `log.straggler_ratio` rank 0 warns.
+the medians `median_data_s`/`median_forward_s`, and the slowest rank's whole train step `rank_step_s` (forward,
+backward, optimizer and communication: its part beyond the forward is backward, optimizer and the waits), all in
+seconds per step; past `log.straggler_ratio` rank 0 warns.
 
 Limits, stated plainly: the forward holds collectives under ZeRO-3 (parameter all-gathers) and tensor
 parallelism (all-reduces in its tensor-parallel group). There a slow rank's peers wait inside their own forward,
@@ -46,7 +48,7 @@ class StepTimer:
         if self.world > 1:  # once, at start-up
             tdist.all_gather_object(self.hosts, socket.gethostname())
         self.in_step = False
-        self.data_s = self.forward_s = 0.0
+        self.data_s = self.forward_s = self.step_s = 0.0
         self.steps = 0
         self._start = None
         self._events: list = []
@@ -65,10 +67,12 @@ class StepTimer:
     def step(self):
         """Around engine.train_step: forwards inside it count (evaluation forwards do not)."""
         self.in_step = True
+        t0 = time.perf_counter()
         try:
             yield
         finally:
             self.in_step = False
+            self.step_s += time.perf_counter() - t0
             self.steps += 1
             if self._events:  # the step ended with the loss on the host, so its events are complete
                 self._events[-1][1].synchronize()
@@ -103,9 +107,9 @@ class StepTimer:
         if not self.due(step):
             return {}
         n = max(1, self.steps)
-        mine = torch.tensor([self.data_s / n, self.forward_s / n, float(self.stage), float(self.rank)],
-                            dtype=torch.float64, device=self.device)
-        self.data_s = self.forward_s = 0.0
+        mine = torch.tensor([self.data_s / n, self.forward_s / n, self.step_s / n, float(self.stage),
+                             float(self.rank)], dtype=torch.float64, device=self.device)
+        self.data_s = self.forward_s = self.step_s = 0.0
         self.steps = 0
         if self.world > 1:
             parts = [torch.empty_like(mine) for _ in range(self.world)]
@@ -116,27 +120,30 @@ class StepTimer:
         fields = compare(table, self.hosts)
         if self.rank == 0 and self.threshold and fields["straggler_ratio"] > self.threshold:
             log.warning("straggler at step %d: rank %d on %s took %.2fx the median rank's data wait + forward "
-                        "(%.1f ms vs %.1f ms per step; data %.1f ms, forward %.1f ms); log.straggler_ratio is %.2f",
+                        "(%.1f ms vs %.1f ms per step; data %.1f ms, forward %.1f ms; whole step %.1f ms); "
+                        "log.straggler_ratio is %.2f",
                         step, fields["slowest_rank"], fields["slowest_host"], fields["straggler_ratio"],
                         1000 * (fields["rank_data_s"] + fields["rank_forward_s"]),
                         1000 * (fields["median_data_s"] + fields["median_forward_s"]),
-                        1000 * fields["rank_data_s"], 1000 * fields["rank_forward_s"], self.threshold)
+                        1000 * fields["rank_data_s"], 1000 * fields["rank_forward_s"], 1000 * fields["rank_step_s"],
+                        self.threshold)
         return fields
 
 
 def compare(table: torch.Tensor, hosts: list[str]) -> dict:
-    """`table`: one row per rank of (data s/step, forward s/step, pipeline stage, rank). Each rank's busy time
-    against the median of its stage's ranks; the fields of the slowest."""
+    """`table`: one row per rank of (data, forward, whole step: seconds per step; pipeline stage; rank). Each
+    rank's data + forward against the median of its stage's ranks; the fields of the slowest."""
     busy = table[:, 0] + table[:, 1]
     ratio = torch.ones_like(busy)
-    for stage in table[:, 2].unique():
-        peers = table[:, 2] == stage
+    for stage in table[:, 3].unique():
+        peers = table[:, 3] == stage
         median = busy[peers].median()  # the lower middle for an even count, as torch defines it
         if median > 0:
             ratio[peers] = busy[peers] / median
     slow = int(ratio.argmax())
-    peers = table[:, 2] == table[slow, 2]
-    return {"slowest_rank": int(table[slow, 3]), "slowest_host": hosts[int(table[slow, 3])],
+    peers = table[:, 3] == table[slow, 3]
+    return {"slowest_rank": int(table[slow, 4]), "slowest_host": hosts[int(table[slow, 4])],
             "straggler_ratio": round(float(ratio[slow]), 4),
             "rank_data_s": float(table[slow, 0]), "rank_forward_s": float(table[slow, 1]),
+            "rank_step_s": float(table[slow, 2]),
             "median_data_s": float(table[peers, 0].median()), "median_forward_s": float(table[peers, 1].median())}

@@ -20,6 +20,7 @@ def test_planted_straggler_is_named_in_the_log_and_the_warning(tmp_path_factory,
         assert (r["slowest_rank"], r["slowest_host"]) == (1, host), r
         assert r["straggler_ratio"] > 1.2
         assert r["rank_forward_s"] > r["median_forward_s"]
+        assert r["rank_step_s"] >= r["rank_forward_s"]
     out = (run / "launch1.out").read_text()
     warnings = [line for line in out.splitlines() if "straggler at step" in line]
     assert len(warnings) == STEPS, out[-3000:]
@@ -30,12 +31,13 @@ def table(rows):
     return torch.tensor(rows, dtype=torch.float64)
 
 
-CASES = [  # (rows of data s, forward s, stage, rank), expected slowest rank, expected ratio
-    ([[0.0, 0.10, 0, 0], [0.0, 0.10, 0, 1], [0.0, 0.30, 0, 2], [0.0, 0.10, 0, 3]], 2, 3.0),
-    ([[0.2, 0.10, 0, 0], [0.0, 0.10, 0, 1], [0.0, 0.10, 0, 2]], 0, 3.0),  # a rank slow at reading data
+CASES = [  # (rows of data, forward, whole step (s/step), stage, rank), expected slowest rank, expected ratio
+    # The whole step is equal on every rank (they wait for each other); it never names the straggler.
+    ([[0.0, 0.10, 1, 0, 0], [0.0, 0.10, 1, 0, 1], [0.0, 0.30, 1, 0, 2], [0.0, 0.10, 1, 0, 3]], 2, 3.0),
+    ([[0.2, 0.10, 1, 0, 0], [0.0, 0.10, 1, 0, 1], [0.0, 0.10, 1, 0, 2]], 0, 3.0),  # a rank slow at reading data
     # Two pipeline stages: the last stage's forward is legitimately longer; only a peer in a stage is compared.
-    ([[0.0, 0.10, 0, 0], [0.0, 0.11, 0, 1], [0.0, 0.50, 1, 2], [0.0, 0.60, 1, 3]], 3, 1.2),
-    ([[0.0, 0.10, 0, 0]], 0, 1.0),  # one rank: nothing to compare
+    ([[0.0, 0.10, 1, 0, 0], [0.0, 0.11, 1, 0, 1], [0.0, 0.50, 1, 1, 2], [0.0, 0.60, 1, 1, 3]], 3, 1.2),
+    ([[0.0, 0.10, 1, 0, 0]], 0, 1.0),  # one rank: nothing to compare
 ]
 
 

@@ -19,7 +19,7 @@ import numpy as np
 # Numeric keys of a training line (pipeline.train) and of an evaluation line; any may be absent (older logs).
 NUMERIC = ("step", "loss", "lr", "grad_norm", "consumed_samples", "tokens", "tokens_per_sec", "tflops", "mfu",
            "step_time_s", "mem_mb", "time", "ppl", "straggler_ratio", "slowest_rank", "rank_data_s",
-           "rank_forward_s", "median_data_s", "median_forward_s", "skipped_steps")
+           "rank_forward_s", "rank_step_s", "median_data_s", "median_forward_s", "skipped_steps")
 FLAGS = ("start", "skipped")  # true on the first line a process writes; true on a line whose step was skipped
 TEXT = ("split", "source", "slowest_host", "data")  # data: pipeline.evaluate on other datasets than the run's
 
