@@ -142,7 +142,7 @@ def plot_loss(plt, runs, colors, path):
     _finish(fig, ax, path)
 
 
-def plot_series(plt, runs, colors, path, key, ylabel, title, scale=1.0, log_y=None):
+def plot_series(plt, runs, colors, path, key, ylabel, title, scale=1.0, log_y=None, from_zero=False):
     fig, (ax,) = _figure(plt)
     once: set = set()
     for run, color in zip(runs, colors):
@@ -157,6 +157,8 @@ def plot_series(plt, runs, colors, path, key, ylabel, title, scale=1.0, log_y=No
         log_y = len(values) > 0 and values.max() / max(values.min(), 1e-30) > 100
     if log_y:
         ax.set_yscale("log")
+    elif from_zero:
+        ax.set_ylim(bottom=0)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     _finish(fig, ax, path)
@@ -274,8 +276,11 @@ def write_plots(runs, out_dir: str) -> list[tuple[str, str]]:
     if _has(runs, "tokens_per_sec"):
         plot_throughput(plt, runs, colors, out("throughput.png", "Throughput and MFU"))
     if _has(runs, "mem_mb"):
-        plot_series(plt, runs, colors, out("memory.png", "Memory"), "mem_mb", "peak memory of rank 0 (GiB)",
-                    "Memory (GPU: peak allocated by torch; CPU: peak resident set)", scale=1 / 1024, log_y=False)
+        gib = max(np.nanmax(r.train["mem_mb"]) for r in runs if _has([r], "mem_mb")) >= 2048
+        plot_series(plt, runs, colors, out("memory.png", "Memory"), "mem_mb",
+                    f"peak memory of rank 0 ({'GiB' if gib else 'MiB'})",
+                    "Memory (GPU: peak allocated by torch; CPU: peak resident set)", scale=1 / 1024 if gib else 1,
+                    log_y=False, from_zero=True)
     if _has(runs, "time"):
         plot_timeline(plt, runs, colors, out("timeline.png", "Progress, restarts and skipped steps"))
     if _has(runs, "straggler_ratio"):
