@@ -8,6 +8,7 @@ fails in this module, with one message naming the version range this project was
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 TESTED = ((0, 17), (0, 20))  # [from, to): the DeepSpeed versions these uses were checked against
@@ -99,3 +100,52 @@ def universal_info(replicated: list[str], row_parallel: list[str], vocab: list[s
     return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
             c.TP_REPLICATED_PARAMETER_PATTERNS: replicated, c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row_parallel,
             c.VOCABULARY_PARAMETER_PATTERNS: vocab, c.ORIGINAL_VOCAB_SIZE: vocab_size}
+
+
+# ---- one optimizer step decided on its figures (train.skip_spikes) -------------------------------------------------
+@contextlib.contextmanager
+def decide_step(optimizer, decide):
+    """Within: the next step() of the ZeRO optimizer `optimizer` (stage 1-3) computes its global gradient norm as
+    usual, then calls `decide(norm)` (unscaled; the same on every rank). When that returns True the step is
+    discarded through DeepSpeed's own skipped-step path, the one fp16 overflows take: gradients cleared,
+    parameters and optimizer state untouched, the engine's `skipped_steps` counted. The loss scaler is left as it
+    was: a skipped spike is no overflow."""
+    import torch
+    from deepspeed.runtime.utils import combine_grad_norm_groups
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        raise TypeError(f"decide_step needs a ZeRO optimizer, got {type(optimizer).__name__}")
+    zero3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+    name = "_get_norm_groups" if zero3 else "scaled_global_norm"  # what step() calls for the norm
+    real, scaler = getattr(optimizer, name), dict(vars(optimizer.loss_scaler))
+    skipped = []
+
+    def norm_then_decide(*args, **kwargs):
+        out = real(*args, **kwargs)
+        norm = combine_grad_norm_groups(out) if zero3 else out
+        if not decide(float(norm) / optimizer.loss_scale):
+            return out
+        skipped.append(True)
+        inf = torch.full_like(norm, float("inf"))  # an invalid norm: step() discards the update
+        return [inf] if zero3 else inf
+
+    setattr(optimizer, name, norm_then_decide)
+    check = getattr(optimizer, "check_grad_overflow", None)
+    if not zero3:  # ZeRO-1/2 in bf16 acts on an invalid norm only with this set
+        optimizer.check_grad_overflow = True
+    try:
+        yield skipped
+    finally:
+        delattr(optimizer, name)  # the class's method again
+        if not zero3:
+            optimizer.check_grad_overflow = check
+        if skipped:
+            vars(optimizer.loss_scaler).update(scaler)
+
+
+def pipeline_batch_loss(engine) -> float:
+    """Inside a pipeline engine's optimizer step: the batch's loss, averaged over micro batches and data-parallel
+    ranks and sent from the last stage to every stage (what train_batch returns afterwards). Collective."""
+    return float(engine._aggregate_total_loss())

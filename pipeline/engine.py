@@ -183,9 +183,38 @@ class TrainEngine:
             labels = labels.masked_fill(loss_mask == 0, IGNORE)
         return iter(list(zip(inputs.to(self.device).split(self.micro), labels.to(self.device).split(self.micro))))
 
-    def train_step(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None) -> float:
+    def train_step(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None, skip_if=None) -> float:
         """One optimizer step on this rank's [per_rank, seq_len+1] tokens (and [per_rank, seq_len] loss mask);
-        returns the global-batch mean loss."""
+        returns the global-batch mean loss.
+
+        `skip_if(loss, grad_norm) -> bool` (train.skip_spikes): asked inside the optimizer step, once the gradient
+        norm is known and before any update, with the same figures on every rank; True discards the step."""
+        self.spike_skipped, self._spike_norm = False, None
+        if skip_if is None:
+            return self._train_step(batch, loss_mask)
+        with ds_compat.decide_step(self.engine.optimizer, lambda norm: self._decide(skip_if, norm)) as skipped:
+            loss = self._train_step(batch, loss_mask)
+        self.spike_skipped = bool(skipped)
+        return loss
+
+    def _decide(self, skip_if, norm: float) -> bool:
+        """The collective skip decision: the batch loss (all ranks), the test, then one vote so that every rank
+        does alike."""
+        if self.pipelined:
+            loss = ds_compat.pipeline_batch_loss(self.engine)
+        else:
+            total, n = self._partial_loss
+            loss = total[0].clone()
+            if self.dp_size > 1:
+                tdist.all_reduce(loss, group=self.dp_group)
+            loss = loss.item() / (n * self.dp_size)
+        flag = torch.tensor([1.0 if skip_if(loss, norm) else 0.0], device=self.device)
+        if self.world > 1:
+            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        self._spike_norm = norm
+        return bool(flag.item())
+
+    def _train_step(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None) -> float:
         if self.pipelined:
             self._pipe_z = []
             loss = float(self.engine.train_batch(self._micro_batches(batch, loss_mask)))
@@ -201,8 +230,9 @@ class TrainEngine:
             ce, lse_sq = self.engine(inputs, labels=labels)  # the model applies its head inside the loss
             z = self.z_loss * lse_sq
             self.engine.backward(ce + z if self.z_loss else ce)
-            self.engine.step()
             total += torch.stack([ce.detach(), z.detach()])
+            self._partial_loss = (total, len(chunks))  # what a skip decision in the last step() reads
+            self.engine.step()
         if self.dp_size > 1:
             tdist.all_reduce(total, group=self.dp_group)
         total = total / (len(chunks) * self.dp_size)
@@ -229,6 +259,8 @@ class TrainEngine:
         return bool(flag.item())
 
     def grad_norm(self) -> float | None:
+        if getattr(self, "spike_skipped", False):  # DeepSpeed reports the skip as an infinite norm: the tested one
+            return self._spike_norm
         gn = self.engine.get_global_grad_norm()
         return float(gn) if gn is not None else None
 

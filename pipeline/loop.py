@@ -24,9 +24,11 @@ EXIT_REQUEUE = 85
 
 @dataclasses.dataclass
 class TrainState:
-    """Where the run is: optimizer steps taken and samples consumed (the data order's cursor)."""
+    """Where the run is: optimizer steps taken and samples consumed (the data order's cursor); the spike filter's
+    rolling statistics (plain lists of floats, checkpointed so that a resume decides as the straight run)."""
     step: int = 0
     consumed_samples: int = 0
+    spikes: dict = dataclasses.field(default_factory=dict)
 
     def advance(self, global_batch_size: int) -> None:
         self.step += 1
@@ -82,6 +84,8 @@ class Meter:
         self.step_time, self.steps_timed = 0.0, 0
         tps = self.tokens_per_step / elapsed
         tflops = self.flops_per_token * tps / self.world / 1e12
+        if self.cfg.train.skip_spikes:
+            extra = {**(extra or {}), "skipped_steps": state.spikes.get("skipped", 0)}
         if self.cfg.train.z_loss:  # the z-loss term, logged apart from the cross-entropy in `loss`
             extra = {**(extra or {}), "z_loss": engine.last_z_loss}
         self.metrics.write({"step": state.step, "loss": loss, "lr": engine.lr(), "grad_norm": engine.grad_norm(),
@@ -118,6 +122,8 @@ def nonfinite_action(loss: float, grad_norm: float | None, precision: str, on_no
 def guard_nonfinite(loss: float, engine, cfg, step: int) -> None:
     """Log an fp16 overflow or a skipped non-finite step; stop the run (before anything more is saved, so the
     last committed checkpoint stays the last good one) when the loss or gradients are non-finite otherwise."""
+    if getattr(engine, "spike_skipped", False):  # SpikeFilter logged it; DeepSpeed's skip is no overflow
+        return
     grad_norm = engine.grad_norm()
     action = nonfinite_action(loss, grad_norm, cfg.train.precision, cfg.train.on_nonfinite, engine.step_applied())
     if action == "overflow" and engine.rank == 0:
@@ -127,6 +133,44 @@ def guard_nonfinite(loss: float, engine, cfg, step: int) -> None:
     elif action == "stop":
         raise FloatingPointError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping "
                                  f"without saving (last good checkpoint: {checkpoint.resolve_tag(cfg.checkpoint.dir)})")
+
+
+class SpikeFilter:
+    """train.skip_spikes: a step whose loss or gradient norm lies more than spike_sigma standard deviations above
+    the mean of the last spike_window applied steps is not applied (OLMo-core's skip-step rule). `test` is the
+    engine's `skip_if` (None when off); its verdicts are logged with their figures and counted in the state.
+
+    The window holds applied steps only (a spike must not widen the band that judges the next one) and decides
+    nothing until it is full."""
+
+    def __init__(self, cfg, state: TrainState, log_enabled: bool):
+        t = cfg.train
+        self.window, self.sigma, self.state, self.log_enabled = t.spike_window, t.spike_sigma, state, log_enabled
+        self.test = self._test if t.skip_spikes else None
+        for key in ("losses", "grad_norms"):
+            state.spikes.setdefault(key, [])
+        state.spikes.setdefault("skipped", 0)
+
+    def _test(self, loss: float, grad_norm: float) -> bool:
+        s, step = self.state.spikes, self.state.step + 1
+        figures = {"loss": (loss, s["losses"]), "grad_norm": (grad_norm, s["grad_norms"])}
+        outliers = []
+        for name, (value, past) in figures.items():
+            if len(past) >= self.window:
+                mean = sum(past) / len(past)
+                std = math.sqrt(sum((x - mean) ** 2 for x in past) / len(past))
+                if not value <= mean + self.sigma * std:  # a NaN is an outlier too
+                    outliers.append(f"{name} {value:.4g} > mean {mean:.4g} + {self.sigma:g} x std {std:.3g}")
+        if outliers:
+            s["skipped"] += 1
+            if self.log_enabled:
+                log.warning("step %d: loss spike, update skipped (%s over the last %d steps); %d skipped so far",
+                            step, "; ".join(outliers), self.window, s["skipped"])
+            return True
+        for value, past in figures.values():
+            past.append(float(value))
+            del past[:-self.window]
+        return False
 
 
 class Saver:
@@ -140,7 +184,7 @@ class Saver:
         if not self.engine.weights_finite():  # a finite loss can still be followed by a non-finite update
             raise FloatingPointError(f"non-finite weights after step {state.step}; not saving over the last good "
                                      f"checkpoint ({checkpoint.resolve_tag(c.dir)})")
-        client = {"step": state.step, "consumed_samples": state.consumed_samples,
+        client = {"step": state.step, "consumed_samples": state.consumed_samples, "spikes": state.spikes,
                   "data_fingerprint": self.fingerprint, "config": self.cfg.to_dict()}
         checkpoint.save(self.engine.engine, c.dir, state.step, client, self.cfg.to_dict(), c.keep,
                         c.sync if sync is None else sync)

@@ -103,7 +103,7 @@ def start(cfg, tag):
     state = TrainState()
     if tag is not None and not weights_only:
         saved = checkpoint.load(engine.engine, cfg.checkpoint.dir, tag)
-        state = TrainState(saved["step"], saved["consumed_samples"])
+        state = TrainState(saved["step"], saved["consumed_samples"], saved.get("spikes") or {})
     if engine.rank == 0:
         from .config import dump
 
@@ -125,7 +125,7 @@ def run(cfg, docs, tag, stop) -> int:
     from . import dist
     from .checkpoint import data_fingerprint
     from .data import build_datasets
-    from .loop import Batches, Meter, Saver, copy_tokenizer, evaluate, guard_nonfinite
+    from .loop import Batches, Meter, Saver, SpikeFilter, copy_tokenizer, evaluate, guard_nonfinite
     from .optim import Schedule, lr_at
     from .stragglers import StepTimer
 
@@ -141,6 +141,7 @@ def run(cfg, docs, tag, stop) -> int:
         copy_tokenizer(cfg, docs)
     t = cfg.train
     timer = StepTimer(engine, cfg.log.interval, t.steps, cfg.log.straggler_ratio)  # per-rank times, stragglers
+    spikes = SpikeFilter(cfg, state, engine.rank == 0)  # train.skip_spikes: its test, asked before each update
     code = 0
     while state.step < t.steps:
         engine.set_lr(lr_at(state.step, schedule))
@@ -148,7 +149,7 @@ def run(cfg, docs, tag, stop) -> int:
         with timer.data():
             batch = batches.get(train_ds, state.step)
         with timer.step():
-            loss = engine.train_step(*batch)
+            loss = engine.train_step(*batch, skip_if=spikes.test)
         meter.end_step()
         guard_nonfinite(loss, engine, cfg, state.step + 1)
         state.advance(t.global_batch_size)
