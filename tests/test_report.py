@@ -117,6 +117,7 @@ def test_a_million_steps(tmp_path, capsys):
 BAD = [  # (file content or None for a missing file, exit code, fragment of the one error line)
     (None, 2, "no such file or folder"),
     ("", 2, "empty log"),
+    ("\n\n", 2, "empty log (blank lines only)"),
     ('{"step": 1, "loss": 2.0}\nnot json at all\n{"step": 2, "loss": 1.9}\n', 2, "line 2: not JSON"),
     ('{"text": "a corpus record"}\n{"text": "another"}\n', 2, "not a pipeline.train log.jsonl"),
     ('[1, 2, 3]\n', 2, "line 1: expected a JSON object"),

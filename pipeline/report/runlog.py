@@ -220,6 +220,8 @@ def read_log(path: str, name: str | None = None) -> RunLog:
     table = _read_arrow(path, size)
     cols = _columns_from_arrow(table, path) if table is not None else _columns_from_lines(path, size)
     has_step = np.isfinite(cols["step"])
+    if not len(has_step):
+        raise LogError(f"{path}: empty log (blank lines only)")
     if not has_step.any():
         raise LogError(f"{path}: no line has a 'step': not a pipeline.train log.jsonl")
     is_valid = (cols["split"] == "valid") & has_step & np.equal(cols["data"], None)  # the run's own valid split
