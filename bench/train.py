@@ -6,9 +6,12 @@
    the same number of bytes to the same disk, both followed by os.sync() — goal ≥ 0.5;
 3. `pipeline.plan`'s memory estimate ÷ the measured peak (RSS growth from model build to the end of the steps);
 4. ZeRO-3 with the optimizer offloaded: step time with DeepSpeed's CPU Adam (what the engine picks) ÷ with
-   torch's AdamW.
+   torch's AdamW;
+5. checkpoint.async_save: the time training is blocked per save, background ÷ synchronous (goal <= 0.2). Blocked
+   = the save call (host copy) + the commit + what the steps run during the background write lose against the
+   median step; synchronous = the whole save (write, flush, commit). Both flush (checkpoint.sync).
 
-    .venv/bin/python bench/train.py [--steps 10] [--hidden 384] [--layers 8]
+    .venv/bin/python bench/train.py [--steps 10] [--hidden 384] [--layers 8] [--only async-save]
 """
 from __future__ import annotations
 
@@ -95,6 +98,54 @@ def raw_write(path, nbytes):
     return time.perf_counter() - t0
 
 
+def time_async_saves(args, work, data, trials: int = 3):
+    """(blocked seconds per synchronous save, per background save, state bytes) for a ZeRO-1 engine."""
+    from pipeline import checkpoint
+
+    cfg = make_cfg(args, work, os.path.join(work, "async"), 1)
+    _, engine, _ = time_engine(cfg, data[:args.warmup + 1], args.warmup)
+    ds = engine.engine
+    times = []
+    for b in data[:args.steps]:
+        t0 = time.perf_counter()
+        engine.train_step(b)
+        times.append(time.perf_counter() - t0)
+    base = float(np.median(times))
+    blocked = {False: [], True: []}
+    step = 0
+    for trial in range(trials):
+        for background in (False, True):
+            step += 1
+            client = {"step": step, "consumed_samples": 0}
+            t0 = time.perf_counter()
+            checkpoint.save(ds, cfg.checkpoint.dir, step, client, cfg.to_dict(), 1, sync=True, background=background)
+            spent = time.perf_counter() - t0
+            i = 0
+            while background and not checkpoint.background_done(ds, engine.device):
+                t0 = time.perf_counter()
+                engine.train_step(data[i % len(data)])
+                spent += max(0.0, time.perf_counter() - t0 - base)
+                i += 1
+            if background:
+                checkpoint.background_done(ds, engine.device, block=True)
+                t0 = time.perf_counter()
+                checkpoint.finish(cfg.checkpoint.dir, step, client, cfg.to_dict(), 1, t0)
+                spent += time.perf_counter() - t0
+            blocked[background].append(spent)
+    tag_dir = os.path.join(cfg.checkpoint.dir, checkpoint.tag_for(step))
+    nbytes = sum(os.path.getsize(os.path.join(tag_dir, f)) for f in os.listdir(tag_dir))
+    return float(np.median(blocked[False])), float(np.median(blocked[True])), nbytes, base
+
+
+def report_async(args, work, data):
+    sync_s, async_s, nbytes, base = time_async_saves(args, work, data)
+    print(f"\ncheckpoint.async_save, ZeRO-1, {nbytes / 1e6:.0f} MB of state (median step {base:.2f} s):")
+    print(f"{'':28s}{'s blocked/save':>16s}")
+    print(f"{'synchronous save':28s}{sync_s:16.2f}")
+    print(f"{'background save':28s}{async_s:16.2f}")
+    print(f"ratio background / synchronous {async_s / sync_s:.2f}   (goal <= 0.2)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -104,6 +155,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp folder)")
+    ap.add_argument("--only", choices=["async-save"], help="run one comparison only")
     args = ap.parse_args()
 
     from pipeline import checkpoint, dist
@@ -117,6 +169,10 @@ def main():
     n = num_params(build_model(cfg1.model))
     print(f"model: llama, {n / 1e6:.1f}M parameters, batch {args.batch} x {args.seq_len}, torch threads "
           f"{torch.get_num_threads()}")
+    if args.only == "async-save":
+        report_async(args, work, data)
+        shutil.rmtree(work, ignore_errors=True)
+        dist.exit_cleanly(0)
 
     plain = time_plain(cfg1, data, args.warmup)
     rows = []
@@ -160,6 +216,7 @@ def main():
     ratio = offload["torch AdamW"] / offload["DeepSpeed CPU Adam"]
     print(f"ZeRO-3, optimizer offloaded: {offload['DeepSpeed CPU Adam']:.3f} s/step with DeepSpeed CPU Adam, "
           f"{offload['torch AdamW']:.3f} with torch AdamW; ratio {ratio:.2f}x")
+    report_async(args, work, data)
     shutil.rmtree(work, ignore_errors=True)
     dist.exit_cleanly(0)
 

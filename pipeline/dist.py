@@ -30,6 +30,14 @@ def world_size_from_env(default: int | None = 1) -> int | None:
     return default
 
 
+def rank_from_env() -> int:
+    """This process's global rank as the launcher announced it, before any process group exists (0 if none)."""
+    for var in ("RANK",) + _MPI_VARS + (("SLURM_PROCID",) if "SLURM_STEP_ID" in os.environ else ()):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def init_distributed(timeout_s: int) -> None:
     """Start the default process group through DeepSpeed (gloo on CPU, NCCL on GPU).
 

@@ -174,34 +174,62 @@ class SpikeFilter:
 
 
 class Saver:
-    """Checkpoints under the commit protocol: when due, on a signal, and at the end."""
+    """Checkpoints under the commit protocol: when due, on a signal, and at the end.
+
+    With `checkpoint.async_save`, a due save copies the tensors to host memory and returns; the files are written
+    in the background, and the save is committed at the first step boundary where every rank reports its writes
+    complete (`poll`, one small all-reduce a step while a save is in flight). At most one save is in flight: the
+    next save, a signal and the end of training wait for it (`wait`)."""
 
     def __init__(self, cfg, engine, fingerprint: str):
         self.cfg, self.engine, self.fingerprint = cfg, engine, fingerprint
+        self.pending = None  # (step, client state, start time) of the background save in flight
 
-    def save(self, state: TrainState, sync: bool | None = None) -> None:
+    def save(self, state: TrainState, sync: bool | None = None, background: bool | None = None) -> None:
         c = self.cfg.checkpoint
+        self.wait()
         if not self.engine.weights_finite():  # a finite loss can still be followed by a non-finite update
             raise FloatingPointError(f"non-finite weights after step {state.step}; not saving over the last good "
                                      f"checkpoint ({checkpoint.resolve_tag(c.dir)})")
         client = {"step": state.step, "consumed_samples": state.consumed_samples, "spikes": state.spikes,
                   "data_fingerprint": self.fingerprint, "config": self.cfg.to_dict()}
+        background = c.async_save if background is None else background
+        t0 = time.time()
         checkpoint.save(self.engine.engine, c.dir, state.step, client, self.cfg.to_dict(), c.keep,
-                        c.sync if sync is None else sync)
+                        c.sync if sync is None else sync, background=background)
+        if background:
+            self.pending = (state.step, client, t0)
+
+    def poll(self, block: bool = False) -> None:
+        """Commit the background save once every rank's writes are done (collective while one is in flight)."""
+        if self.pending is None or not checkpoint.background_done(self.engine.engine, self.engine.device, block):
+            return
+        step, client, t0 = self.pending
+        self.pending = None
+        c = self.cfg.checkpoint
+        checkpoint.finish(c.dir, step, client, self.cfg.to_dict(), c.keep, t0)
+
+    def wait(self) -> None:
+        self.poll(block=True)
 
     def save_if_due(self, state: TrainState) -> None:
+        self.poll()
         interval = self.cfg.checkpoint.interval
         if interval and state.step % interval == 0 and state.step < self.cfg.train.steps:
             self.save(state)
 
     def final(self, state: TrainState) -> None:
+        self.wait()
         if checkpoint.resolve_tag(self.cfg.checkpoint.dir) != checkpoint.tag_for(state.step):
-            self.save(state)
+            self.save(state, background=False)
 
-    def on_signal(self, state: TrainState) -> int:
-        self.save(state, sync=False)  # inside the grace period: commit now; the live node writes its pages back
+    def on_signal(self, state: TrainState, reason: str = "a signal") -> int:
+        self.wait()  # a background save in flight commits first
+        # inside the grace period: commit now; the live node writes its pages back
+        self.save(state, sync=False, background=False)
         if self.engine.rank == 0:
-            log.info("stopped by signal at step %d; checkpoint committed, exiting with %d", state.step, EXIT_REQUEUE)
+            log.info("stopped by %s at step %d; checkpoint committed, exiting with %d", reason, state.step,
+                     EXIT_REQUEUE)
         return EXIT_REQUEUE
 
 
@@ -230,19 +258,26 @@ def copy_tokenizer(cfg, docs) -> None:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM; agreed across ranks each step so that all stop at the same step."""
+    """Set by SIGUSR1, SIGTERM or SIGINT (Ctrl-C), or once `exit_after_minutes` have passed since `t0`; agreed
+    across ranks each step so that all stop at the same step. `reason` says which, for the log."""
 
-    def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+    def __init__(self, signals: bool = True, exit_after_minutes: float = 0.0, t0: float | None = None):
+        self.raised, self.reason = False, "a signal"
+        self.deadline = (t0 or time.time()) + exit_after_minutes * 60 if exit_after_minutes > 0 else None
+        if signals:
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.raised = True
+        self.raised, self.reason = True, f"{signal.Signals(signum).name}"
 
     def agreed(self, device=None) -> bool:
         """Collective. `device`: the engine's (NCCL reduces CUDA tensors only)."""
+        if not self.raised and self.deadline is not None and time.time() > self.deadline:
+            self.raised, self.reason = True, "train.exit_after_minutes"
         flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
         if tdist.is_initialized():
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        if flag.item() and not self.raised:
+            self.reason = "another rank's stop request"
         return bool(flag.item())

@@ -88,6 +88,16 @@ def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, fl
     return {"weights": weights, "gradients": grads, "optimizer": optim, "activations": acts + logits}
 
 
+def async_host_copy_bytes(cfg: RunConfig, dp: int) -> float:
+    """Host memory that `checkpoint.async_save` holds per rank while a save is written in the background: one copy
+    of the rank's checkpoint shard (its weights and optimizer state, as ZeRO partitions them; offloaded or not)."""
+    p = cfg.parallel
+    n = count_params(cfg).per_rank
+    weights = n * (4 if cfg.train.precision == "fp32" else 2) / (dp if p.zero_stage >= 3 else 1)
+    optim = n * (8 if (cfg.train.precision == "fp32" and p.zero_stage == 0) else 12) / (dp if p.zero_stage >= 1 else 1)
+    return weights + optim
+
+
 def gpu_peak(gpu: str) -> float | None:
     """Dense bf16 peak TFLOPs of `gpu`: a short name ("H100 PCIe", any case or spacing) or a full device name."""
     def squash(name: str) -> str:
@@ -129,6 +139,9 @@ def plan(cfg: RunConfig, world_size: int, gpu: str = "H100", mfu: float = 0.4,
         if ckpt == p.activation_checkpointing and gpu_mem_gib and total / GiB > gpu_mem_gib:
             problems.append(f"estimated memory {total / GiB:.1f} GiB per GPU exceeds --gpu-mem {gpu_mem_gib:g} GiB "
                             f"(raise tp/pp/ZeRO stage, lower train.micro_batch_size or turn on activation checkpointing)")
+    if cfg.checkpoint.async_save:
+        lines.append(f"host memory  {async_host_copy_bytes(cfg, dp) / GiB:.1f} GiB per rank for the host copy of "
+                     f"checkpoint.async_save, while a save is written in the background")
     fpt = flops_per_token(m)
     step_flops = fpt * tokens
     lines.append(f"compute      {fpt / 1e9:.2f} GFLOPs per token, {step_flops / 1e15:.2f} PFLOPs per step")

@@ -157,7 +157,7 @@ def run(cfg, docs, tag, stop) -> int:
         if valid_ds is not None and t.eval_interval > 0 and state.step % t.eval_interval == 0:
             meter.write_eval(state.step, evaluate(engine, batches, valid_ds, t.eval_iters))
         if stop is not None and stop.agreed(engine.device):
-            code = saver.on_signal(state)
+            code = saver.on_signal(state, stop.reason)
             break
         saver.save_if_due(state)
     if code == 0:
@@ -171,8 +171,11 @@ def main(argv=None) -> None:
     log.setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     args = parse_args(argv)
+    from .checkpoint.lock import hold_checkpoint_dir
+
     try:
         cfg, docs, tag = prepare(args)
+        lock = hold_checkpoint_dir(cfg.checkpoint.dir)  # a second run on checkpoint.dir stops here (lock.py)
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"error: {_describe(e)}", file=sys.stderr)  # the user's input or paths: exit 2
         sys.exit(2)
@@ -183,16 +186,24 @@ def main(argv=None) -> None:
     from .loop import StopFlag
 
     # Installed before the (slow) start-up, so that a signal during it still ends in a checkpoint at step 1.
-    stop = StopFlag() if cfg.checkpoint.save_on_signal else None
+    t = cfg.train
+    stop = StopFlag(cfg.checkpoint.save_on_signal, t.exit_after_minutes) \
+        if cfg.checkpoint.save_on_signal or t.exit_after_minutes else None
     try:
         code = run(cfg, docs, tag, stop)
     except Exception as e:
+        import errno
         import traceback
 
-        traceback.print_exc()
+        if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):  # a full disk: one line
+            traceback.print_exc()
         sys.stdout.flush()
         print(f"error: rank {dist.rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        if lock:
+            lock.release()
         os._exit(1)  # no barrier: the other ranks may be gone; their timeout ends them
+    if lock:
+        lock.release()
     dist.exit_cleanly(code)
 
 

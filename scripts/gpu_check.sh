@@ -51,6 +51,11 @@ resume() {  # a second run on the bf16 ZeRO-3 checkpoint: resumes at step 60 and
     "data.datasets=[{path: $OUT/tokens, weight: 1}]" \
     checkpoint.dir="$OUT/zero3-bf16/ckpt" log.jsonl="$OUT/zero3-bf16/log.jsonl" && grep -q '"step": 80' "$OUT/zero3-bf16/log.jsonl"
 }
+async_save() {  # checkpoint.async_save on the GPU (device-to-host copy, background write): tags 20 and 40 commit
+  train async-zero3-bf16 parallel.zero_stage=3 train.precision=bf16 checkpoint.async_save=true checkpoint.interval=20 \
+    checkpoint.keep=5 && test -f "$OUT/async-zero3-bf16/ckpt/global_step20/COMMITTED" &&
+  test -f "$OUT/async-zero3-bf16/ckpt/global_step40/COMMITTED"
+}
 export_and_generate() {
   python -m pipeline.convert to-hf "$OUT/zero3-bf16/ckpt" "$OUT/hf" --dtype bf16 &&
   python -m pipeline.generate "$OUT/hf" --prompt "The import statement" --max-new-tokens 32
@@ -71,6 +76,7 @@ check zero3-bf16 train zero3-bf16 parallel.zero_stage=3 train.precision=bf16
 check zero1-fp16 train zero1-fp16 parallel.zero_stage=1 train.precision=fp16
 check zero3-offload train zero3-offload parallel.zero_stage=3 parallel.offload_optimizer=true parallel.offload_params=true train.precision=bf16
 check resume-zero3-bf16 resume
+check async-save-zero3-bf16 async_save
 check export-generate export_and_generate
 check see-a-run see_a_run  # needs matplotlib and pyarrow
 check mfu-bench python bench/model.py --gpu-steps 10

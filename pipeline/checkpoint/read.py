@@ -26,21 +26,20 @@ import torch
 from .. import ds_compat
 from ..config import RunConfig, from_dict
 from .commit import COMMIT, WEIGHTS_FILE, WEIGHTS_ONLY, resolve_tag
+from .safe import load_file
 _ZERO_MODEL, _ZERO_OPTIM = ds_compat.ZERO3_MODEL_FILE, ds_compat.ZERO3_OPTIM_FILE
 _MP_MODEL, _LAYER = ds_compat.MODEL_FILE, ds_compat.PIPE_LAYER_FILE
 
 
 def _load(path: str) -> dict:
-    """torch.load memory-mapped, with a one-line error for a missing or truncated file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: missing checkpoint file")
+    """A checkpoint file, memory-mapped, with weights_only=True and DeepSpeed's allow-list (safe.py): a planted
+    pickle is refused, not run. ValueError (one line) for a missing, truncated or refused file."""
     try:
         # Unpickling DeepSpeed's files imports deepspeed, whose logger would print to stdout: keep it on stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # truncated zip archives raise RuntimeError, others pickle errors
-        raise ValueError(f"{path}: unreadable checkpoint file, truncated or corrupt "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            return load_file(path, mmap=True)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 class LazyStateDict:

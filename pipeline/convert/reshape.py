@@ -33,6 +33,7 @@ import torch
 from ..checkpoint import UNIVERSAL, commit, marker
 from .. import ds_compat
 from ..checkpoint.read import committed_tag, detect_layout, read_run_config
+from ..checkpoint.safe import load_file, refuse_unsafe_files
 from ..config import validate
 from ..fs import staging_dir
 from .hf import copy_beside
@@ -70,7 +71,7 @@ def _prepare_input(src: str, work: str, info: dict) -> None:
         path = os.path.join(src, name)
         if ds_compat.ZERO3_MODEL_FILE.match(name) or ds_compat.MODEL_FILE.match(name):
             with contextlib.redirect_stdout(sys.stderr):
-                sd = torch.load(path, map_location="cpu", weights_only=False)
+                sd = load_file(path)
             sd[ds_compat.UNIVERSAL_INFO] = info
             torch.save(sd, os.path.join(work, name))
         elif name.endswith("_optim_states.pt") or ds_compat.PIPE_LAYER_FILE.match(name):
@@ -112,6 +113,7 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
         raise ValueError(f"{src} was trained with ZeRO-3: DeepSpeed's ZeRO-3 loader of universal checkpoints does not "
                          "cut tensor-parallel shards, so only --tp 1 is possible (any data-parallel size)")
     validate(new)
+    refuse_unsafe_files(src)  # before DeepSpeed's converter unpickles them (weights_only=False)
     with staging_dir(out, overwrite) as tmp:
         work = os.path.join(tmp, ".input")
         _prepare_input(src, work, universal_info(cfg))
