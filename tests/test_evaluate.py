@@ -41,13 +41,19 @@ def test_one_process_equals_the_trainer_and_appends_to_the_log(run, tmp_path):
     assert report.valid["source"][-1] == "evaluate" and report.valid["loss"][-1] == pytest.approx(line["loss"])
 
 
-def test_two_ranks_load_the_same_layout_and_give_exactly_the_trainers_loss(run, tmp_path):
+@pytest.mark.parametrize("layout,how", [([], "deepspeed"), (["parallel.pp=2"], "full state dict")],
+                         ids=["same-layout", "pipeline"])
+def test_two_ranks_give_the_trainers_loss(run, tmp_path, layout, how):
+    """The trainer's layout (dp 2, ZeRO-1) loads through DeepSpeed and gives its loss exactly; two pipeline stages
+    (dp 1) read the full state dict and agree to fp32 rounding."""
     log = tmp_path / "log.jsonl"
     proc = torchrun(2, "-m", "pipeline.evaluate", run / "ckpt", "--config", run / "run.yaml", "--tag", "global_step3",
-                    f"log.jsonl={log}")
-    assert "loaded via deepspeed, world 2" in proc.stdout
+                    f"log.jsonl={log}", *layout)
+    assert f"loaded via {how}, world 2" in proc.stdout
     line = json.loads(log.read_text())
-    assert line["step"] == 3 and line["loss"] == trainer_valid(run / "log.jsonl", 3)
+    want = trainer_valid(run / "log.jsonl", 3)
+    assert line["step"] == 3
+    assert line["loss"] == want if how == "deepspeed" else line["loss"] == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
 def test_other_datasets(run, tmp_path, token_dir):
