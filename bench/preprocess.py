@@ -282,8 +282,13 @@ def main() -> None:
 
 def main_byte_bpe(args) -> None:
     vocab = 50_000 if args.vocab == 32000 else args.vocab  # 32000 is the SentencePiece default
-    files = make_corpus(args.size_mb)
     folder = make_byte_bpe(vocab)
+    if args.huge_mb:
+        r = tokenize(make_huge_document(args.huge_mb), folder, 2, "hf_huge")
+        print(f"one {args.huge_mb} MB document, byte-level BPE: {r['tokens']:,} tokens in {r['seconds']:.1f} s, "
+              f"peak RSS {r['rss'] / 2**20:.0f} MiB over all processes (2 workers)")
+        return
+    files = make_corpus(args.size_mb)
     size = sum(os.path.getsize(f) for f in files)
     print(f"corpus: {size / 1e6:.0f} MB in {len(files)} files; byte-level BPE, vocab {vocab:,} (trained on the "
           f"built-in corpus, padded with added tokens); {os.cpu_count()} CPUs; load average before: "
