@@ -1,7 +1,9 @@
 """Model speed, side by side in one run: `python bench/model.py [--cpu-only] [--gpu-steps N]`.
 
-1. CPU (always): forward+backward tokens/s of our unsharded model against transformers' LlamaForCausalLM and
-   GPT2LMHeadModel of the same shape, same batch, interleaved repetitions in alternating order, median and best time; prints ours/theirs.
+1. CPU (always): forward+backward tokens/s of our unsharded model, eager and with its blocks compiled
+   (train.compile), against transformers' LlamaForCausalLM and GPT2LMHeadModel of the same shape, same batch,
+   interleaved repetitions in alternating order, median and best time; prints ours/theirs. Our loss is the
+   training path: the head fused with the chunked cross-entropy (pipeline/loss.py).
 2. GPU (when CUDA is present; unchanged script): MFU of the ~1B Llama-style model (configs/llama-1b.yaml) in
    bf16 at seq 2048 on one GPU under the DeepSpeed engine (build_engine, ZeRO-1), 6N+12Lhs FLOPs per token
    (pipeline.model.flops_per_token) against the dense bf16 peak of pipeline/metrics.py.
@@ -20,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.model import build_model, lm_loss  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
+from pipeline.parallel.compile import apply_compile  # noqa: E402
 
 CPU_SHAPES = {  # arch: model config at a size a CPU does in about a second per step
     "llama": dict(arch="llama", num_layers=4, hidden_size=512, num_heads=8, kv_heads=4, ffn_hidden_size=1408,
@@ -53,31 +56,39 @@ def bench_cpu(batch: int, reps: int) -> None:
     for arch, shape in CPU_SHAPES.items():
         cfg = ModelConfig(**shape, make_vocab_size_divisible_by=128)
         ours, theirs = build_model(cfg, seed=0).train(), _hf_model(cfg).train()
+        compiled = build_model(cfg, seed=0).train()
+        apply_compile(compiled)
         x = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len + 1))
         runs = {
-            "ours": lambda t: lm_loss(ours(t[:, :-1]), t[:, 1:]),
+            "ours": lambda t: ours(t[:, :-1], labels=t[:, 1:])[0],
+            "compiled": lambda t: compiled(t[:, :-1], labels=t[:, 1:])[0],
             "transformers": lambda t: theirs(input_ids=t[:, :-1], labels=t[:, :-1]).loss,
         }
         times = {k: [] for k in runs}
+        t0 = time.perf_counter()
+        _step(runs["compiled"], x)
+        compile_s = time.perf_counter() - t0
         for _ in range(2):  # warm-up
             for fn in runs.values():
                 _step(fn, x)
         for rep in range(reps):  # interleaved, order alternating (ABBA), so machine load hits both alike
             for k, fn in (list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]):
-                ours.zero_grad(set_to_none=True)
-                theirs.zero_grad(set_to_none=True)
+                for m in (ours, compiled, theirs):
+                    m.zero_grad(set_to_none=True)
                 times[k].append(_step(fn, x))
         tokens = batch * cfg.seq_len
         tps = {k: tokens / statistics.median(v) for k, v in times.items()}
         best = {k: tokens / min(v) for k, v in times.items()}
         print(f"cpu {arch:5s} L{cfg.num_layers} h{cfg.hidden_size} s{cfg.seq_len} b{batch} threads "
-              f"{torch.get_num_threads()}: ours {tps['ours']:,.0f} tok/s, transformers {tps['transformers']:,.0f} "
-              f"tok/s (medians); ratio ours/transformers {tps['ours'] / tps['transformers']:.3f}x median, "
-              f"{best['ours'] / best['transformers']:.3f}x best-of-{reps}", flush=True)
+              f"{torch.get_num_threads()}: ours {tps['ours']:,.0f} tok/s, compiled {tps['compiled']:,.0f} tok/s "
+              f"(first step {compile_s:.0f} s), transformers {tps['transformers']:,.0f} tok/s (medians)", flush=True)
+        for k in ("ours", "compiled"):
+            print(f"    ratio {k}/transformers {tps[k] / tps['transformers']:.3f}x median, "
+                  f"{best[k] / best['transformers']:.3f}x best-of-{reps}", flush=True)
 
 
-def bench_gpu(steps: int, micro: int) -> None:
-    """MFU of configs/llama-1b.yaml on one GPU through the real TrainEngine."""
+def bench_gpu(steps: int, micro: int, compile: bool) -> None:
+    """MFU of configs/llama-1b.yaml on one GPU through the real TrainEngine, eager or train.compile."""
     from pipeline import dist
     from pipeline.config import load_config
     from pipeline.engine import build_engine
@@ -88,7 +99,7 @@ def bench_gpu(steps: int, micro: int) -> None:
     cfg = load_config(os.path.join(root, "configs", "llama-1b.yaml"), [
         "parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=1", "parallel.activation_checkpointing=false",
         f"train.micro_batch_size={micro}", f"train.global_batch_size={micro}", "train.precision=bf16",
-        "model.seq_len=2048"])
+        "model.seq_len=2048", f"train.compile={str(compile).lower()}"])
     dist.init_distributed(600)
     engine = build_engine(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -105,10 +116,10 @@ def bench_gpu(steps: int, micro: int) -> None:
     name = torch.cuda.get_device_name()
     peak = peak_tflops(name) or 989.0
     tflops = tps * flops_per_token(cfg.model) / 1e12
-    print(f"gpu {name}: llama-1b bf16 seq {cfg.model.seq_len} micro {micro}: {tps:,.0f} tok/s, {tflops:.1f} TFLOPs, "
+    print(f"gpu {name}: llama-1b bf16 {'compiled' if compile else 'eager'} seq {cfg.model.seq_len} micro {micro}: "
+          f"{tps:,.0f} tok/s, {tflops:.1f} TFLOPs, "
           f"MFU {tflops / peak:.1%} (peak {peak:.0f}), {engine.num_params / 1e9:.2f}B params, loss {loss:.3f}, "
           f"max mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
-    dist.exit_cleanly(0)
 
 
 def main() -> None:
@@ -121,7 +132,16 @@ def main() -> None:
     args = p.parse_args()
     bench_cpu(args.batch, args.reps)
     if torch.cuda.is_available() and not args.cpu_only:
-        bench_gpu(args.gpu_steps, args.gpu_micro)
+        import gc
+
+        from pipeline import dist
+
+        for compile in (False, True):
+            bench_gpu(args.gpu_steps, args.gpu_micro, compile)
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        dist.exit_cleanly(0)
     elif not args.cpu_only:
         print("gpu: no CUDA device here; MFU not measured")
 

@@ -325,6 +325,9 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
     elif t.on_nonfinite == "skip" and t.precision != "fp16":
         problems.append("train.on_nonfinite=skip needs train.precision=fp16 (its loss scaler skips bad updates); "
                         "in fp32/bf16 a non-finite loss stops the run")
+    if t.compile and p.pp > 1:
+        problems.append(f"train.compile with parallel.pp {p.pp}: pipeline stages are not compiled; "
+                        "set train.compile=false or parallel.pp=1")
     if t.freeze_layers < 0 or t.freeze_layers > m.num_layers:
         problems.append(f"train.freeze_layers must be between 0 and model.num_layers {m.num_layers}")
     if cfg.log.straggler_ratio and cfg.log.straggler_ratio < 1:

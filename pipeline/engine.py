@@ -131,6 +131,11 @@ class TrainEngine:
         if cfg.train.freeze_layers:  # after TP, which makes fresh parameters
             freeze_layers(model, cfg.train.freeze_layers)
         model.checkpoint_activations = p.activation_checkpointing
+        if cfg.train.compile:  # pp > 1 is refused by config validation
+            from .parallel.compile import CompileTimer, apply_compile
+
+            apply_compile(model)
+        self._compile_timer = CompileTimer(cfg.train.compile, self.rank) if cfg.train.compile else None
         self.vocab_size, self.vocab_start = model.vocab_size, getattr(model, "vocab_start", 0)
         model.lm_head.chunk_tokens = cfg.train.loss_chunk_tokens
         self.z_loss, self.last_z_loss = cfg.train.z_loss, 0.0
@@ -224,6 +229,8 @@ class TrainEngine:
                 self.last_z_loss = z.item() / (self.state.tp * self.dp_size)
                 loss -= self.last_z_loss
             return loss
+        if self._compile_timer:
+            self._compile_timer.start()
         total = torch.zeros(2, device=self.device)
         chunks = list(self._micro_batches(batch, loss_mask))
         for inputs, labels in chunks:
@@ -236,6 +243,8 @@ class TrainEngine:
         if self.dp_size > 1:
             tdist.all_reduce(total, group=self.dp_group)
         total = total / (len(chunks) * self.dp_size)
+        if self._compile_timer:
+            self._compile_timer.stop()
         self.last_z_loss = total[1].item()
         return total[0].item()
 

@@ -42,10 +42,13 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None, None
 
 
+# The collectives run eagerly between compiled regions under train.compile (pipeline/parallel/compile.py).
+@torch.compiler.disable
 def copy_to_tp(x, group):
     return _CopyToTP.apply(x, group)
 
 
+@torch.compiler.disable
 def reduce_from_tp(x, group, op=dist.ReduceOp.SUM):
     return _ReduceFromTP.apply(x, group, op)
 
