@@ -330,6 +330,11 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
                         "set train.compile=false or parallel.pp=1")
     if t.freeze_layers < 0 or t.freeze_layers > m.num_layers:
         problems.append(f"train.freeze_layers must be between 0 and model.num_layers {m.num_layers}")
+    elif p.pp > 1 and t.freeze_layers >= m.num_layers // p.pp > 0:
+        problems.append(f"train.freeze_layers {t.freeze_layers} with parallel.pp {p.pp}: the first pipeline stage "
+                        f"(the embeddings and blocks 0-{m.num_layers // p.pp - 1}) would have nothing to train, which "
+                        f"DeepSpeed's pipeline optimizer cannot hold; freeze fewer than {m.num_layers // p.pp} "
+                        f"blocks or use fewer stages")
     if cfg.log.straggler_ratio and cfg.log.straggler_ratio < 1:
         problems.append(f"log.straggler_ratio must be >= 1 (a multiple of the median rank's time) or 0 (no "
                         f"warning), got {cfg.log.straggler_ratio}")
@@ -417,9 +422,12 @@ def rope_scaling_problems(rs) -> list[str]:
         return []
     if not isinstance(rs, dict) or rs.get("rope_type") not in ROPE_SCALING_KEYS:
         return [f"model.rope_scaling: expected {{rope_type: llama3|linear, ...}}, got {rs!r}"]
-    bad = [k for k in ROPE_SCALING_KEYS[rs["rope_type"]]
-           if isinstance(rs.get(k), bool) or not isinstance(rs.get(k), (int, float)) or not rs[k] > 0]
-    return [f"model.rope_scaling ({rs['rope_type']}): {k} must be a positive number" for k in bad]
+    keys = ROPE_SCALING_KEYS[rs["rope_type"]]
+    bad = [k for k in keys if isinstance(rs.get(k), bool) or not isinstance(rs.get(k), (int, float)) or not rs[k] > 0]
+    unknown = sorted(set(rs) - {"rope_type", *keys})
+    return [f"model.rope_scaling ({rs['rope_type']}): {k} must be a positive number" for k in bad] + \
+        ([f"model.rope_scaling ({rs['rope_type']}): unknown keys {', '.join(unknown)} (it takes "
+          f"{', '.join(keys)}; the RoPE base is model.rope_theta)"] if unknown else [])
 
 
 def padded_vocab_size(m: ModelConfig, tp: int = 1) -> int:

@@ -174,7 +174,10 @@ def rope_settings(hf) -> tuple[float, dict | None, str]:
         return float(theta), None, kind
     from .config import ROPE_SCALING_KEYS
 
-    return float(theta), {"rope_type": kind, **{k: rp.get(k) for k in ROPE_SCALING_KEYS[kind]}}, kind
+    scaling = {"rope_type": kind, **{k: rp.get(k) for k in ROPE_SCALING_KEYS[kind]}}
+    if kind == "llama3" and scaling["original_max_position_embeddings"] is None:  # transformers' fallback
+        scaling["original_max_position_embeddings"] = getattr(hf, "max_position_embeddings", None)
+    return float(theta), scaling, kind
 
 
 def model_config_from_hf(hf) -> ModelConfig:

@@ -118,10 +118,10 @@ def test_reshape_then_resume_continues_the_loss(layout, tmp_path_factory, token_
     assert abs(train2[4] - train[4]) <= 2e-4, (train2, train)
 
 
-FREEZE_LAYOUTS = [  # (name, processes, ZeRO stage, overrides)
+FREEZE_LAYOUTS = [  # (name, processes, ZeRO stage, overrides); 4 blocks, the bottom one frozen
     ("dp2-zero3", 2, 3, []),
     ("tp2-zero3", 2, 3, ["parallel.tp=2"]),
-    ("pp2-tp2-zero1", 4, 1, ["parallel.pp=2", "parallel.tp=2"]),
+    ("pp2-tp2-zero1", 4, 1, ["parallel.pp=2", "parallel.tp=2"]),  # stage 0: embeddings, block 0 frozen, block 1
 ]
 
 
@@ -139,13 +139,14 @@ def test_from_hf_starts_a_run_with_frozen_layers(layout, tmp_path, token_dir):
     torch.manual_seed(0)
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16}
-    hf_cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    hf_cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                       tie_word_embeddings=False, initializer_range=0.05, rope_theta=500000.0,
-                                      rope_scaling=rope)
+                                      rope_scaling=dict(rope))  # transformers adds to the dict it is given
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
-    cfg = layout_config(tmp_path, token_dir, "llama", rope_theta=500000.0, rope_scaling=rope)
+    cfg = layout_config(tmp_path, token_dir, "llama", num_layers=4, rope_theta=500000.0, rope_scaling=rope,
+                        norm_eps=1e-6)
     run_cli("-m", "pipeline.convert", "from-hf", tmp_path / "hf", tmp_path / "ckpt", "--config", cfg)
     torchrun(nproc, "-m", "pipeline.train", "--config", cfg, "train.steps=2", "train.freeze_layers=1",
              "train.eval_interval=0", f"parallel.zero_stage={zero}", *overrides)
@@ -165,3 +166,15 @@ def test_from_hf_starts_a_run_with_frozen_layers(layout, tmp_path, token_dir):
     for name, t in after.items():
         frozen = name == "model.embed_tokens.weight" or name.startswith("model.layers.0.")
         assert torch.equal(t, before[name]) == frozen, name
+
+
+def test_a_pipeline_stage_with_nothing_to_train_is_refused():
+    """freeze_layers covering the whole first stage would leave DeepSpeed's pipeline optimizer an empty group: the
+    configuration is refused in one line before start-up."""
+    from pipeline.config import find_problems, from_dict
+
+    cfg = from_dict({"model": {"num_layers": 4}, "parallel": {"pp": 2, "zero_stage": 1},
+                     "train": {"freeze_layers": 2}}, check=False)
+    assert any("nothing to train" in p and "fewer than 2" in p for p in find_problems(cfg))
+    cfg.train.freeze_layers = 1
+    assert not [p for p in find_problems(cfg) if "freeze_layers" in p]

@@ -25,6 +25,7 @@ FAMILIES = {  # name: (transformers config class, its arguments)
     "llama-linear": ("LlamaConfig", dict(SMALL, rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "mistral": ("MistralConfig", dict(SMALL, sliding_window=4096, rope_theta=1e6, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(SMALL, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(SMALL, rope_theta=1e6, tie_word_embeddings=False)),  # per-head q/k RMSNorm
     "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
                                 eos_token_id=2)),
 }
@@ -224,3 +225,17 @@ def test_mistral_window_shorter_than_the_hf_length_is_accepted_with_a_shorter_se
     x = tokens(64)
     with torch.no_grad():
         assert (load_model(str(tmp_path / "ckpt"))(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_training_without_the_hf_rope_scaling_is_refused(all_converted):
+    """A run config that leaves out what the weights mean (here Llama 3.1's RoPE scaling) would train another
+    model silently: resuming the from-hf checkpoint with it is refused, naming the key."""
+    from pipeline.checkpoint import check_resumable
+    from pipeline.checkpoint.read import read_run_config
+
+    _, _, ckpt = all_converted["llama3.1"]
+    cfg = read_run_config(str(ckpt / "global_step0"))
+    check_resumable(cfg, "global_step0", None, None)  # the from-hf run config itself is fine
+    cfg.model.rope_scaling = None
+    with pytest.raises(ValueError, match="model.rope_scaling"):
+        check_resumable(cfg, "global_step0", None, None)

@@ -82,6 +82,8 @@ def check_compatible(ckpt_dir: str, tag: str, model_cfg: dict, fingerprint: str 
     keys = SHAPE_KEYS + (("seq_len",) if model_cfg.get("arch") == "gpt" else ())
     keys += tuple(k for k in ("qk_norm",) if k in old or k in model_cfg)
     old = {"qk_norm": False, **old}  # saved before the key existed: no qk_norm
+    # what the weights mean, beyond their shapes (a Llama 3.1's RoPE scaling, a Qwen2's biases); older tags lack them
+    keys += tuple(k for k in ("rope_theta", "rope_scaling", "qkv_bias", "norm_eps") if k in old)
     diff = [f"model.{k} {old.get(k)} -> {model_cfg.get(k)}" for k in keys if old.get(k) != model_cfg.get(k)]
     if diff:
         return "the model shape differs from the checkpoint's: " + ", ".join(diff)

@@ -205,6 +205,15 @@ def _explicit_model_keys(config_path: str) -> dict:
     return dict(raw.get("model") or {})
 
 
+def _rope_keys(scaling) -> dict | None:
+    """The part of a model.rope_scaling that our model reads."""
+    from ..config import ROPE_SCALING_KEYS
+
+    if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_SCALING_KEYS:
+        return scaling
+    return {k: scaling.get(k) for k in ("rope_type", *ROPE_SCALING_KEYS[scaling["rope_type"]])}
+
+
 def merged_model_config(hf_model: ModelConfig, run_model: ModelConfig, explicit: dict, config_path: str) -> ModelConfig:
     """The run's model section with the HF shape; refuses keys that the run config sets differently."""
     keys = [k for k in _SHAPE_KEYS + (("seq_len",) if hf_model.arch == "gpt" else ()) if hasattr(hf_model, k)]
@@ -213,6 +222,8 @@ def merged_model_config(hf_model: ModelConfig, run_model: ModelConfig, explicit:
         if key in explicit and explicit[key] is not None and getattr(run_model, key) != getattr(hf_model, key):
             ours, theirs = getattr(run_model, key), getattr(hf_model, key)
             if key in ("norm_eps", "rope_theta") and abs(float(ours) - float(theirs)) <= 1e-12 * max(1.0, abs(theirs)):
+                continue
+            if key == "rope_scaling" and _rope_keys(ours) == _rope_keys(theirs):  # e.g. a copied rope_theta inside
                 continue
             diffs.append(f"model.{key}: {ours!r} in {config_path}, {theirs!r} in the HF config")
     if diffs:

@@ -7,6 +7,7 @@ Beside the checkpoints (`checkpoint.dir`) lives one of:
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -115,4 +116,12 @@ def save_hf_tokenizer(model_path: str, out: str, model_max_length: int | None = 
     if model_max_length is not None:
         tok.model_max_length = model_max_length
     tok.save_pretrained(out)
+    # transformers 5 names its generic fast class "TokenizersBackend", which 4.x does not know; both load the
+    # same tokenizer.json under the name PreTrainedTokenizerFast
+    cfg_path = os.path.join(out, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
     shutil.copyfile(model_path, os.path.join(out, "tokenizer.model"))
