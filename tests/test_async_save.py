@@ -105,3 +105,19 @@ def test_exit_after_minutes_commits_exits_85_and_resumes_exactly(straight, tmp_p
     assert "stopped by train.exit_after_minutes" in log_text(tmp_path)
     assert run_ranks(2, "--config", cfg, log_dir=tmp_path) == [0, 0], log_text(tmp_path)[-3000:]
     assert_same_losses_from(tmp_path, reference, done[0] + 1)
+
+
+def test_plan_counts_the_host_copy():
+    """One copy of each rank's shard: ZeRO-3 fp32 at dp 4 holds a quarter of the weights and optimizer state."""
+    from pipeline.config import from_dict
+    from pipeline.plan import async_host_copy_bytes, count_params, plan
+
+    cfg = from_dict({"model": {"arch": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 256},
+                     "parallel": {"zero_stage": 3}, "data": {"datasets": [{"path": "/nonexistent", "weight": 1}]},
+                     "train": {"global_batch_size": 8, "micro_batch_size": 2}, "checkpoint": {"async_save": True}})
+    n = count_params(cfg).per_rank
+    assert async_host_copy_bytes(cfg, 4) == n * (4 + 12) / 4
+    lines, _ = plan(cfg, 4)
+    assert any(line.startswith("host memory") and "checkpoint.async_save" in line for line in lines)
+    cfg.checkpoint.async_save = False
+    assert not any(line.startswith("host memory") for line in plan(cfg, 4)[0])

@@ -75,6 +75,8 @@ ROWS = [
     ("global batch < 0", "train", TRAIN + ["train.global_batch_size=-4"], 2,
      "train.global_batch_size must be >= 1, got -4", "error"),
     ("steps 0", "train", TRAIN + ["train.steps=0"], 2, "train.steps must be >= 1, got 0", "error"),
+    ("exit_after_minutes < 0", "train", TRAIN + ["train.exit_after_minutes=-1"], 2,
+     "train.exit_after_minutes must be >= 0, got -1.0", "error"),
     ("split nan", "train", TRAIN + ["data.split=nan,1,1"], 2, "data.split 'nan,1,1'", "error"),
     ("split words", "train", TRAIN + ["data.split=a,b"], 2, "data.split 'a,b': expected comma-separated numbers",
      "error"),
