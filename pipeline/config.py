@@ -351,7 +351,7 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
 
 # Sizes that are counts (>= 1) or may be zero (>= 0, where 0 means "off" or "all"); None means "not set".
 AT_LEAST_ONE = ("model.num_layers", "model.hidden_size", "model.num_heads", "model.kv_heads", "model.ffn_hidden_size",
-                "model.vocab_size", "model.seq_len", "model.make_vocab_size_divisible_by", "parallel.tp",
+                "model.vocab_size", "model.seq_len", "model.make_vocab_size_divisible_by", "parallel.tp", "parallel.sp",
                 "parallel.pp", "train.steps", "train.global_batch_size", "train.micro_batch_size", "train.eval_iters",
                 "train.dist_timeout_s", "log.interval")
 AT_LEAST_ZERO = ("train.warmup_steps", "train.eval_interval", "train.lr", "train.min_lr", "train.weight_decay",
@@ -385,12 +385,21 @@ def _layout_problems(cfg: RunConfig, world_size: int | None) -> list[str]:
         problems.append(f"model.num_heads {m.num_heads} and model.kv_heads {m.kv_heads} must be divisible by parallel.tp {p.tp}")
     if m.num_layers % p.pp:
         problems.append(f"model.num_layers {m.num_layers} is not divisible by parallel.pp {p.pp}")
+    if p.sp > 1:  # Ulysses: every rank attends over whole sequences for heads/(tp·sp) of the heads
+        if m.num_heads % (p.tp * p.sp) or m.kv_heads % (p.tp * p.sp):
+            problems.append(f"model.num_heads {m.num_heads} and model.kv_heads {m.kv_heads} must be divisible by "
+                            f"parallel.tp x parallel.sp = {p.tp * p.sp}")
+        if m.seq_len % p.sp:
+            problems.append(f"model.seq_len {m.seq_len} is not divisible by parallel.sp {p.sp}")
+        if p.pp > 1:
+            problems.append(f"parallel.sp {p.sp} with parallel.pp {p.pp}: sequence parallelism runs without pipeline "
+                            "stages; set parallel.pp=1 (use tp, sp and ZeRO-3)")
     if t.global_batch_size % t.micro_batch_size:
         problems.append(f"train.global_batch_size {t.global_batch_size} is not divisible by train.micro_batch_size {t.micro_batch_size}")
     if world_size is not None:
-        mp = p.tp * p.pp
+        mp = p.tp * p.pp * p.sp
         if world_size % mp:
-            problems.append(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {mp}")
+            problems.append(f"world size {world_size} is not divisible by parallel.tp*parallel.pp*parallel.sp = {mp}")
         else:
             dp = world_size // mp
             if t.global_batch_size % (t.micro_batch_size * dp):

@@ -117,9 +117,11 @@ class TrainEngine:
             raise ValueError("train.freeze_layers with parallel.pp > 1 and model.tie_embeddings: DeepSpeed's pipeline "
                              "engine all-reduces the tied embedding's gradient, which a frozen embedding lacks; use pp=1")
         self.world, self.rank = dist.world_size(), dist.rank()
-        self.state = ParallelState(p.tp, p.pp)
-        self.dp_size, self.dp_rank = self.state.dp, self.state.coord.dp
-        self.dp_group = self.state.dp_group
+        self.state = ParallelState(p.tp, p.pp, p.sp)
+        self.dp_size, self.dp_rank = self.state.dp, self.state.coord.dp  # which samples this rank reads
+        # Losses are averaged over every replica of the weights: data x sequence parallel ranks.
+        self.dp_group, self.replicas = self.state.get_data_parallel_group(), self.state.dp * self.state.sp
+        self.start_pos = self.state.coord.sp * (cfg.model.seq_len // p.sp)  # this rank's first token (Ulysses)
         self.micro = cfg.train.micro_batch_size
         # On the meta device: each rank allocates only its own shard of its own stage (parallel/tp.materialize).
         model = build_model(cfg.model, seed=cfg.train.seed, tp=p.tp, device="meta")
@@ -128,6 +130,10 @@ class TrainEngine:
         if init_state_dict is not None:
             model.init_source = init_source(model, init_state_dict)
         apply_tp(model, self.state)
+        if p.sp > 1:
+            from .parallel.ulysses import apply_sp
+
+            apply_sp(model, self.state)
         if cfg.train.freeze_layers:  # after TP, which makes fresh parameters
             freeze_layers(model, cfg.train.freeze_layers)
         model.checkpoint_activations = p.activation_checkpointing
@@ -142,6 +148,8 @@ class TrainEngine:
         self._pipe_z: list = []  # pipelines: the z-loss terms of this step's micro batches (last stage)
         self.pipelined = p.pp > 1
         ds_config = build_ds_config(cfg, self.dp_size)
+        if p.sp > 1:  # DeepSpeed counts sequence-parallel ranks as data-parallel ones: its batch arithmetic must agree
+            ds_config["train_batch_size"] = cfg.train.global_batch_size * p.sp
         # Set from the tag being resumed, not from a config: a run resumed from a universal checkpoint saves
         # ordinary tags next to it, and its requeue must load those the ordinary way.
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": load_universal}
@@ -155,9 +163,9 @@ class TrainEngine:
             self.optimizer = build_optimizer(module, cfg.train)
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=ds_config)
         else:
-            mpu = self.state if p.tp > 1 else None
+            mpu = self.state if p.tp > 1 or p.sp > 1 else None
             if p.zero_stage == 3:
-                materialize_partitioned(model, ds_config, self.state.dp_group if mpu else None, mpu, cfg.train.precision)
+                materialize_partitioned(model, ds_config, self.dp_group if mpu else None, mpu, cfg.train.precision)
             else:
                 materialize(model)
             model.init_source = None
@@ -177,15 +185,18 @@ class TrainEngine:
         return ce
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        if self.dp_size > 1:
+        if self.replicas > 1:
             tdist.all_reduce(value, group=self.dp_group)
-            value = value / self.dp_size
+            value = value / self.replicas
         return value.item()
 
     def _micro_batches(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None):
         inputs, labels = batch[:, :-1], batch[:, 1:]
         if loss_mask is not None:
             labels = labels.masked_fill(loss_mask == 0, IGNORE)
+        if self.state.sp > 1:  # this rank's slice of every sequence (Ulysses); attention all-to-alls the rest
+            n = inputs.shape[1] // self.state.sp
+            inputs, labels = inputs[:, self.start_pos:self.start_pos + n], labels[:, self.start_pos:self.start_pos + n]
         return iter(list(zip(inputs.to(self.device).split(self.micro), labels.to(self.device).split(self.micro))))
 
     def train_step(self, batch: torch.Tensor, loss_mask: torch.Tensor | None = None, skip_if=None) -> float:
@@ -210,9 +221,9 @@ class TrainEngine:
         else:
             total, n = self._partial_loss
             loss = total[0].clone()
-            if self.dp_size > 1:
+            if self.replicas > 1:
                 tdist.all_reduce(loss, group=self.dp_group)
-            loss = loss.item() / (n * self.dp_size)
+            loss = loss.item() / (n * self.replicas)
         flag = torch.tensor([1.0 if skip_if(loss, norm) else 0.0], device=self.device)
         if self.world > 1:
             tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
@@ -234,15 +245,15 @@ class TrainEngine:
         total = torch.zeros(2, device=self.device)
         chunks = list(self._micro_batches(batch, loss_mask))
         for inputs, labels in chunks:
-            ce, lse_sq = self.engine(inputs, labels=labels)  # the model applies its head inside the loss
+            ce, lse_sq = self.engine(inputs, labels=labels, start_pos=self.start_pos)  # the head is in the loss
             z = self.z_loss * lse_sq
             self.engine.backward(ce + z if self.z_loss else ce)
             total += torch.stack([ce.detach(), z.detach()])
             self._partial_loss = (total, len(chunks))  # what a skip decision in the last step() reads
             self.engine.step()
-        if self.dp_size > 1:
+        if self.replicas > 1:
             tdist.all_reduce(total, group=self.dp_group)
-        total = total / (len(chunks) * self.dp_size)
+        total = total / (len(chunks) * self.replicas)
         if self._compile_timer:
             self._compile_timer.stop()
         self.last_z_loss = total[1].item()
@@ -254,7 +265,7 @@ class TrainEngine:
             n = -(-batch.shape[0] // self.micro)
             return float(self.engine.eval_batch(self._micro_batches(batch, loss_mask), num_micro_batches=n))
         self.engine.eval()
-        losses = [self.engine(x, labels=y)[0] for x, y in self._micro_batches(batch, loss_mask)]
+        losses = [self.engine(x, labels=y, start_pos=self.start_pos)[0] for x, y in self._micro_batches(batch, loss_mask)]
         self.engine.train()
         return self._dp_mean(torch.stack(losses).mean())
 
@@ -315,7 +326,7 @@ class TrainEngine:
         tdist.all_gather_object(everyone, mine) if self.world > 1 else everyone.__setitem__(0, mine)
         stages: dict = {}
         for c, sd in everyone:
-            if c.dp == 0:
+            if c.dp == 0 and c.sp == 0:
                 stages.setdefault(c.tp, {}).update(sd)
         full = merge_tp_shards([stages[r] for r in sorted(stages)], self.cfg.model)
         return strip_vocab_padding(full, self.cfg.model)

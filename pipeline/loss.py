@@ -8,7 +8,9 @@ them straight into the chunk's gradients (the approach of torchtitan's and Liger
 code serves the vocab-parallel head: `weight` holds this rank's vocabulary rows [vocab_start, ...), and only
 per-token scalars (max, sum of exponentials, target logit) cross the tensor-parallel group, in forward only.
 
-Labels of IGNORE (-100) are left out of both means. Columns at or past `vocab_size` (vocabulary padding) are
+Labels of IGNORE (-100) are left out of both means. Under sequence parallelism (`sp_group`) each rank holds a
+slice of every sequence: the means divide by the token count of the whole sequences, times sp, so that the
+average over the sp ranks (DeepSpeed's gradient averaging, the engine's loss) is the mean over all tokens. Columns at or past `vocab_size` (vocabulary padding) are
 never part of the softmax. Logits are computed in the weight's dtype and upcast to fp32 for the softmax, as the
 unchunked `lm_head` then `.float()` did, so values match it.
 """
@@ -35,7 +37,7 @@ def _chunk_logits(h, weight, col_limit: int):
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, vocab_start, vocab_size, group, chunk):
+    def forward(ctx, h, weight, labels, vocab_start, vocab_size, group, chunk, sp_group):
         rows = weight.shape[0]
         col_limit = max(0, min(rows, vocab_size - vocab_start))
         mask = (labels != IGNORE).float()
@@ -58,7 +60,12 @@ class _HeadLoss(torch.autograd.Function):
                 dist.all_reduce(sums, group=group)
             lse[s:e] = sums[0].log() + m
             ce_sum += ((lse[s:e] - sums[1]) * mask[s:e]).sum()
-        count = mask.sum().clamp(min=1.0)
+        count = mask.sum()
+        if sp_group is not None:  # the whole sequences' tokens, shared out among the sp ranks
+            dist.all_reduce(count, group=sp_group)
+            count = count.clamp(min=1.0) / dist.get_world_size(sp_group)
+        else:
+            count = count.clamp(min=1.0)
         ctx.save_for_backward(h, weight, lse, local, mine, mask)
         ctx.info = (col_limit, chunk, count)
         return ce_sum / count, (lse.square() * mask).sum() / count
@@ -85,16 +92,17 @@ class _HeadLoss(torch.autograd.Function):
                 grad_h[s:e] = d @ weight
             if want_w:
                 grad_w += (d.t() @ h[s:e]).float()
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None, None, None
 
 
 def head_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, vocab_start: int = 0,
-              group=None, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              group=None, chunk_tokens: int = 0, sp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy, mean logsumexp²) of the logits h · weightᵀ against `labels`, in fp32, chunked.
 
     h [..., hidden] (the final norm's output; under tensor parallelism already passed through copy_to_tp),
     weight [rows, hidden] (this rank's vocabulary rows, from `vocab_start`), labels [...] with IGNORE excluded.
-    `chunk_tokens` 0 picks `auto_chunk_tokens(rows)`. Both results are the same on every rank of `group`."""
+    `chunk_tokens` 0 picks `auto_chunk_tokens(rows)`. Both results are the same on every rank of `group`;
+    `sp_group`: the sequence-parallel group whose ranks hold the other slices of these sequences."""
     chunk = chunk_tokens if chunk_tokens > 0 else auto_chunk_tokens(weight.shape[0])
     return _HeadLoss.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1), vocab_start, vocab_size, group,
-                           chunk)
+                           chunk, sp_group)

@@ -117,19 +117,24 @@ class Attention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        # Grouped-query attention: SDPA shares each kv head across its query group without copying it.
-        gqa = k.shape[1] != q.shape[1]
-        if mask is not None:
-            with self.dropout_rng():
-                out = attend(q, k, v, mask, self.dropout if self.training else 0.0, gqa)
-        elif past == 0:
-            with self.dropout_rng():
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
-                                                     dropout_p=self.dropout if self.training else 0.0)
+        if mask is not None or past == 0:
+            out = self.core(q, k, v, mask)
         else:
             mask = torch.ones(s, past + s, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def core(self, q, k, v, mask=None):
+        """Attention of q [batch, heads, q_len, dim] over k, v [batch, kv heads, kv, dim]: causal when `mask` is
+        None (q_len = kv), else under `mask`. Sequence parallelism (pipeline/parallel/ulysses.py) wraps it in
+        its all-to-alls."""
+        # Grouped-query attention: SDPA shares each kv head across its query group without copying it.
+        gqa = k.shape[1] != q.shape[1]
+        dropout = self.dropout if self.training else 0.0
+        with self.dropout_rng():
+            if mask is not None:
+                return attend(q, k, v, mask, dropout, gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout)
 
 
 class MLP(nn.Module):
@@ -172,11 +177,13 @@ class LMHead(nn.Linear):
         super().__init__(hidden, rows, bias=False)
         self.vocab_size = vocab_size
         self.chunk_tokens = 0  # train.loss_chunk_tokens (0 = auto), set by the engine
+        self.sp_group = None  # set by sequence parallelism (pipeline/parallel/ulysses.py)
 
     def forward(self, h, labels=None):
         if labels is None:
             return super().forward(h)
-        return head_loss(h, self.weight, labels, self.vocab_size, chunk_tokens=self.chunk_tokens)
+        return head_loss(h, self.weight, labels, self.vocab_size, chunk_tokens=self.chunk_tokens,
+                         sp_group=self.sp_group)
 
 
 class Transformer(nn.Module):

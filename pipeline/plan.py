@@ -57,7 +57,8 @@ def count_params(cfg: RunConfig) -> ParamCounts:
 
 
 def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, float]:
-    """Estimated bytes on one GPU, by kind."""
+    """Estimated bytes on one GPU, by kind. `dp`: the ranks ZeRO partitions over (data x sequence parallel).
+    Under Ulysses sequence parallelism a rank holds seq_len/sp tokens of every activation, logits included."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     n = count_params(cfg).per_rank
     wbytes = 4 if t.precision == "fp32" else 2
@@ -75,7 +76,7 @@ def memory_per_gpu(cfg: RunConfig, dp: int, checkpointing: bool) -> dict[str, fl
         optim = 0.0
     if p.offload_params:
         weights = 0.0
-    s, b, h, tp = m.seq_len, t.micro_batch_size, m.hidden_size, p.tp
+    s, b, h, tp = m.seq_len // p.sp, t.micro_batch_size, m.hidden_size, p.tp
     act_scale = 2 if t.precision == "fp32" else 1
     full_layer = s * b * h * (10 + 24 / tp) * act_scale
     layers = m.num_layers  # first stage under 1F1B: pp micro batches x L/pp layers
@@ -116,7 +117,7 @@ def plan(cfg: RunConfig, world_size: int, gpu: str = "H100", mfu: float = 0.4,
         problems.append("model.vocab_size is unset: set it, or name a dataset whose manifest gives it")
     if size_problems(cfg, world_size) or m.vocab_size is None:
         return [], problems
-    mp = p.tp * p.pp
+    mp = p.tp * p.pp * p.sp
     if problems and (world_size % mp or m.hidden_size % m.num_heads or m.num_heads % m.kv_heads):
         return [], problems
     dp = world_size // mp
@@ -124,14 +125,15 @@ def plan(cfg: RunConfig, world_size: int, gpu: str = "H100", mfu: float = 0.4,
     gas = t.global_batch_size // max(1, t.micro_batch_size * dp)
     tokens = t.global_batch_size * m.seq_len
     counts = count_params(cfg)
-    lines.append(f"layout       world {world_size} = dp {dp} x tp {p.tp} x pp {p.pp}; ZeRO-{p.zero_stage}"
+    lines.append(f"layout       world {world_size} = dp {dp} x tp {p.tp} x pp {p.pp}"
+                 f"{f' x sp {p.sp} (Ulysses: seq_len/{p.sp} tokens per rank)' if p.sp > 1 else ''}; ZeRO-{p.zero_stage}"
                  f"{' + optimizer offload' if p.offload_optimizer else ''}{' + param offload' if p.offload_params else ''}; {t.precision}")
     lines.append(f"batch        micro {t.micro_batch_size} x grad accumulation {gas} x dp {dp} = {t.global_batch_size} "
                  f"sequences = {tokens:,} tokens per step (seq_len {m.seq_len})")
     lines.append(f"parameters   {counts.total / 1e9:.3f} B total, {counts.per_rank / 1e9:.3f} B per GPU before ZeRO "
                  f"(vocab {m.vocab_size} padded to {padded_vocab_size(m, p.tp)})")
     for ckpt in (False, True):
-        mem = memory_per_gpu(cfg, dp, ckpt)
+        mem = memory_per_gpu(cfg, dp * p.sp, ckpt)  # ZeRO partitions over data x sequence parallel ranks
         total = sum(mem.values())
         chosen = " (configured)" if ckpt == p.activation_checkpointing else ""
         lines.append(f"memory/GPU   {total / GiB:8.1f} GiB {'with' if ckpt else 'without'} activation checkpointing"
@@ -140,7 +142,7 @@ def plan(cfg: RunConfig, world_size: int, gpu: str = "H100", mfu: float = 0.4,
             problems.append(f"estimated memory {total / GiB:.1f} GiB per GPU exceeds --gpu-mem {gpu_mem_gib:g} GiB "
                             f"(raise tp/pp/ZeRO stage, lower train.micro_batch_size or turn on activation checkpointing)")
     if cfg.checkpoint.async_save:
-        lines.append(f"host memory  {async_host_copy_bytes(cfg, dp) / GiB:.1f} GiB per rank for the host copy of "
+        lines.append(f"host memory  {async_host_copy_bytes(cfg, dp * p.sp) / GiB:.1f} GiB per rank for the host copy of "
                      f"checkpoint.async_save, while a save is written in the background")
     fpt = flops_per_token(m)
     step_flops = fpt * tokens

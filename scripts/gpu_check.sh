@@ -71,6 +71,18 @@ PY
     train.precision=bf16 "data.datasets=[{path: $OUT/tokens, weight: 1}]" log.jsonl="$OUT/zero3-bf16/log.jsonl" &&
   python -m pipeline.report "$OUT"/*/log.jsonl --output "$OUT/report"
 }
+sequence_parallel() {  # parallel.sp=2 (Ulysses: DeepSpeed's all-to-alls over NCCL) with ZeRO-3 and block_causal, 2 GPUs
+  local n=sp2-zero3-bf16
+  torchrun --standalone --nproc_per_node 2 -m pipeline.train --config configs/tiny.yaml train.steps=60 \
+    parallel.sp=2 parallel.zero_stage=3 train.precision=bf16 model.attn_mask_type=block_causal \
+    "data.datasets=[{path: $OUT/tokens, weight: 1}]" checkpoint.dir="$OUT/$n/ckpt" log.jsonl="$OUT/$n/log.jsonl" &&
+  python - "$OUT/$n/log.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"split"' not in l]
+print(f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+sys.exit(0 if rows[-1]["loss"] < rows[0]["loss"] else 1)
+PY
+}
 check data data
 check zero3-bf16 train zero3-bf16 parallel.zero_stage=3 train.precision=bf16
 check zero1-fp16 train zero1-fp16 parallel.zero_stage=1 train.precision=fp16
@@ -79,7 +91,13 @@ check resume-zero3-bf16 resume
 check async-save-zero3-bf16 async_save
 check export-generate export_and_generate
 check see-a-run see_a_run  # needs matplotlib and pyarrow
-check mfu-bench python bench/model.py --gpu-steps 10
+check compile-zero3-bf16 train compile-zero3-bf16 parallel.zero_stage=3 train.precision=bf16 train.compile=true
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  check sp2-nccl sequence_parallel
+else
+  echo "SKIP sp2-nccl (Ulysses over NCCL needs 2 GPUs)"
+fi
+check mfu-bench python bench/model.py --gpu-steps 10  # llama-1b bf16 seq 2048: eager and train.compile MFU
 grep -h "overflow" "$OUT/zero1-fp16.log" | head -n 3
-grep -h -i "mfu" "$OUT/mfu-bench.log" | tail -n 3
+grep -h -i "mfu" "$OUT/mfu-bench.log" | tail -n 4
 exit $((fails > 0))

@@ -1,6 +1,8 @@
-"""Tensor and pipeline parallelism, applied from outside pipeline/model.py.
+"""Tensor, sequence and pipeline parallelism, and compilation, applied from outside pipeline/model.py.
 
     groups.py   process groups and the `mpu` DeepSpeed takes (ParallelState)
+    ulysses.py  apply_sp: DeepSpeed-Ulysses sequence parallelism (parallel.sp)
+    compile.py  apply_compile: torch.compile of each transformer block (train.compile)
     layers.py   column/row-parallel linears, vocab-parallel embedding and cross-entropy
     random.py   the RNG rule for dropout under tensor parallelism
     tp.py       apply_tp, and the state-dict rules: shard_for_tp, merge_tp_shards, strip_vocab_padding

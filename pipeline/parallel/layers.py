@@ -112,6 +112,7 @@ class VocabParallelHead(nn.Module):
         self.vocab_size = vocab_size if vocab_size is not None else vocab_start + weight.shape[0]
         self.weight = weight  # a fresh sharded Parameter, or the embedding's (tied)
         self.chunk_tokens = 0  # train.loss_chunk_tokens (0 = auto), set by the engine
+        self.sp_group = None  # set by sequence parallelism (pipeline/parallel/ulysses.py)
 
     def forward(self, h, labels=None):
         h = copy_to_tp(h, self.group)  # backward: the partial input gradients of every rank's columns summed
@@ -119,7 +120,8 @@ class VocabParallelHead(nn.Module):
             return F.linear(h, self.weight)
         from ..loss import head_loss
 
-        return head_loss(h, self.weight, labels, self.vocab_size, self.vocab_start, self.group, self.chunk_tokens)
+        return head_loss(h, self.weight, labels, self.vocab_size, self.vocab_start, self.group, self.chunk_tokens,
+                         self.sp_group)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_start: int, vocab_size: int,
