@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -86,7 +87,11 @@ def staging_dir(out: str, overwrite: bool):
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     parent = os.path.dirname(os.path.abspath(out))
-    created = not os.path.isdir(parent)
+    created = []  # the missing ancestors, deepest first: removed again on failure, and nothing that existed
+    p = parent
+    while not os.path.isdir(p):
+        created.append(p)
+        p = os.path.dirname(p)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
     os.chmod(tmp, 0o777 & ~_umask())
@@ -101,9 +106,9 @@ def staging_dir(out: str, overwrite: bool):
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created:
+        for p in created:
             with contextlib.suppress(OSError):
-                os.removedirs(parent)
+                os.rmdir(p)
         raise
 
 
@@ -121,3 +126,37 @@ def flush_filesystem(path: str) -> None:
             os.close(fd)
     except (OSError, AttributeError):
         os.sync()
+
+
+def read_json(path: str):
+    """The JSON value in `path`, or None when it is missing or not JSON (a lock file being written, say)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def break_stale_lock(path: str, stale, stale_after_s: float = 30.0) -> None:
+    """Remove the O_EXCL lock file `path` if it still holds `stale` (what the caller judged to belong to a dead
+    holder). Breakers take turns through `path.break` (O_EXCL), so of two processes that judged the same file stale
+    one removes it and the other sees the new holder's file: never both "take over", and never a fresh lock
+    removed by mistake. A `.break` left by a breaker that died is cleared after `stale_after_s`. The caller then
+    retries its O_EXCL create."""
+    brk = path + ".break"
+    try:
+        fd = os.open(brk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if time.time() - os.path.getmtime(brk) > stale_after_s:
+                os.remove(brk)
+        time.sleep(0.05)
+        return
+    os.close(fd)
+    try:
+        if read_json(path) == stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(brk)

@@ -24,6 +24,8 @@ import os
 import socket
 import time
 
+from pipeline.fs import break_stale_lock
+
 from .indexed import writing
 
 log = logging.getLogger("preprocess")
@@ -94,12 +96,9 @@ def _busy(folder: str, info: dict | None, lock_file: str | None = None) -> Folde
 
 
 def _take_over(path: str, info: dict) -> None:
-    """Remove a stale lock file; of several processes doing so at once only one rename succeeds."""
+    """Remove a stale lock file, unless another process has already replaced it (pipeline.fs.break_stale_lock)."""
     log.warning("%s: taking over the lock of %s, which is no longer running", path, _describe(info))
-    aside = f"{path}.stale.{socket.gethostname()}.{os.getpid()}"
-    with contextlib.suppress(FileNotFoundError):
-        os.rename(path, aside)
-        os.remove(aside)
+    break_stale_lock(path, info)
 
 
 def _write_new(path: str, info: dict) -> bool:

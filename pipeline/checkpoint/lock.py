@@ -27,6 +27,8 @@ import os
 import socket
 import time
 
+from ..fs import break_stale_lock
+
 LOCK_NAME = "LOCK"
 REQUEUE_WAIT_S = 180  # an NFS lock server releases a dead client's locks after its lease (90 s by default)
 log = logging.getLogger("pipeline")
@@ -148,17 +150,14 @@ class CheckpointLock:
         self.fd = fd
 
     def _take_owner_file(self, path: str) -> None:
-        for _ in range(3):
+        for _ in range(20):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 other = _read(path)
                 if not holder_is_gone(other):
                     raise _busy(self.dir, other, path) from None
-                with contextlib.suppress(FileNotFoundError):  # of several takers, one rename wins
-                    aside = f"{path}.stale-{socket.gethostname()}-{os.getpid()}"
-                    os.rename(path, aside)
-                    os.remove(aside)
+                break_stale_lock(path, other)  # of several takers, one removes it; the others see the new file
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(_me(), f)
