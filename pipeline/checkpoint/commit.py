@@ -30,7 +30,7 @@ def tag_for(step: int) -> str:
 def tag_files(tag_dir: str) -> dict[str, int]:
     """{path relative to the tag folder: size} of every file under it."""
     return {os.path.relpath(os.path.join(root, f), tag_dir): os.path.getsize(os.path.join(root, f))
-            for root, _, names in os.walk(tag_dir) for f in names}
+            for root, _, names in os.walk(tag_dir) for f in names if ".tmp-" not in f}
 
 
 def commit(ckpt_dir: str, tag: str, meta: dict) -> None:
@@ -110,17 +110,26 @@ def resolve_tag(ckpt_dir: str, tag: str | None = None) -> str | None:
     return None
 
 
-def prune(ckpt_dir: str, keep: int) -> None:
-    """Keep the newest `keep` committed tags; drop older ones and leftovers of interrupted saves."""
+def prune(ckpt_dir: str, keep: int, current: str | None = None) -> None:
+    """After committing `current` (default: the newest committed tag): keep it and the newest `keep` - 1 intact
+    committed tags before it (all of them when keep <= 0); drop the rest: older tags, damaged ones (they can never
+    be loaded, so they must not count towards `keep`), leftovers of interrupted saves, and any tag past `current`
+    (a history this run diverged from when it resumed from an earlier tag)."""
     committed = committed_tags(ckpt_dir)
-    drop = committed[keep:] if keep > 0 else []
-    newest = int(_TAG.match(committed[0]).group(1)) if committed else -1
+    if current is None:
+        current = committed[0] if committed else None
+    if current is None:
+        return
+    cur = _step(current)
+    older = [t for t in committed if _step(t) < cur and verify(ckpt_dir, t) is None]
+    kept = {current, *(older if keep <= 0 else older[:keep - 1])}
     for name in os.listdir(ckpt_dir):
-        m = _TAG.match(name)
-        if m and name not in committed and int(m.group(1)) < newest:
-            drop.append(name)
-    for name in drop:
-        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        if _TAG.match(name) and name not in kept:
+            shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def _step(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
 
 
 def is_weights_only(ckpt_dir: str, tag: str) -> bool:

@@ -102,7 +102,7 @@ def finish(ckpt_dir: str, step: int, client_state: dict, run_config: dict, keep:
     commit(ckpt_dir, tag, {"step": step, "world_size": dist.world_size(),
                            "consumed_samples": client_state.get("consumed_samples"),
                            "data_fingerprint": client_state.get("data_fingerprint")})
-    prune(ckpt_dir, keep)
+    prune(ckpt_dir, keep, tag)
     log.info("saved checkpoint %s in %.1fs", path, time.time() - t0)
 
 
