@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks only a CUDA machine can make, in one short run (~5-8 min on one H100/H200), for a session that is
 # lent a GPU: NCCL collectives from the trainer, bf16 and fp16 training (the loss scaler's skipped steps),
-# ZeRO-3 and ZeRO-1 on the GPU, export and generation on the GPU, and the MFU benchmark.
+# ZeRO-3 and ZeRO-1 on the GPU, export and generation on the GPU, the MFU benchmark, and block-causal attention's
+# FlexAttention path (against the SDPA mask, in training, and its cost).
 #   bash scripts/gpu_check.sh                      sets up .venv (TORCH_SPEC: the CUDA build of torch, see README)
 #   PYTHON=python3 bash scripts/gpu_check.sh       uses an existing Python with CUDA torch; no set-up
 # On a lent machine without network (the `device` tool): its python3 has CUDA torch, numba, sentencepiece,
@@ -98,6 +99,10 @@ else
   echo "SKIP sp2-nccl (Ulysses over NCCL needs 2 GPUs)"
 fi
 check mfu-bench python bench/model.py --gpu-steps 10  # llama-1b bf16 seq 2048: eager and train.compile MFU
+check block-causal-flex python scripts/gpu_block_causal.py  # FlexAttention BlockMask == SDPA mask, fwd + bwd
+check block-causal-train train block-causal model.attn_mask_type=block_causal parallel.zero_stage=3 train.precision=bf16
+check block-causal-bench python bench/attention.py --reps 3
 grep -h "overflow" "$OUT/zero1-fp16.log" | head -n 3
 grep -h -i "mfu" "$OUT/mfu-bench.log" | tail -n 4
+grep -h "block_causal/causal" "$OUT/block-causal-bench.log"
 exit $((fails > 0))
