@@ -11,7 +11,7 @@ import pytest
 import torch
 
 LAYOUTS = {  # name: (world, tp, sp, zero_stage, archs)
-    "sp2_zero1": (2, 1, 2, 1, ("gpt", "llama")),
+    "sp2_zero1": (2, 1, 2, 1, ("llama",)),
     "sp2_zero3": (2, 1, 2, 3, ("gpt", "llama")),
     "sp2_tp2_zero3": (4, 2, 2, 3, ("gpt",)),  # llama's 2 kv heads cannot split over tp·sp = 4
 }
@@ -66,12 +66,14 @@ def test_block_causal_first_step_matches_single_process_model(results, arch):
     cfg = run_config(arch)
     cfg.model.attn_mask_type, cfg.model.eod_id = "block_causal", EOD
     model = build_model(cfg.model, seed=cfg.train.seed)
+    causal = build_model(run_config(arch).model, seed=cfg.train.seed)
     with torch.no_grad():
         micro = packed_batch().split(cfg.train.micro_batch_size)
         want = sum(lm_loss(model(mb[:, :-1]), mb[:, 1:]).item() for mb in micro) / len(micro)
+        unpacked = sum(lm_loss(causal(mb[:, :-1]), mb[:, 1:]).item() for mb in micro) / len(micro)
     got = torch.load(results / f"{arch}_block_causal.pt")
     assert got["loss"] == pytest.approx(want, rel=1e-5)
-    assert got["causal_loss"] != pytest.approx(got["loss"], rel=1e-4)  # the documents do change the loss
+    assert unpacked != pytest.approx(want, rel=1e-4)  # the documents do change the loss
 
 
 def test_sequence_parallel_resumes_exactly(results):
@@ -161,18 +163,16 @@ def _worker(out: str) -> None:
                 torch.save({"losses": losses, "seq_per_rank": inputs.shape[1]}, os.path.join(out, f"{arch}_{layout}.pt"))
             del engine
             gc.collect()
-    if world == 2:  # block_causal at sp2 + ZeRO-3: the first step on packed documents, and causal for contrast
+    if world == 2:  # block_causal at sp2 + ZeRO-3: the first step on packed documents
         for arch in ("gpt", "llama"):
-            got = {}
-            for mask_type in ("block_causal", "causal"):
-                cfg = run_config(arch, 1, 1, 3)
-                cfg.parallel.sp, cfg.model.attn_mask_type, cfg.model.eod_id = 2, mask_type, EOD
-                engine = build_engine(cfg)
-                got["loss" if mask_type == "block_causal" else "causal_loss"] = engine.train_step(packed_batch())
-                del engine
-                gc.collect()
+            cfg = run_config(arch, 1, 1, 3)
+            cfg.parallel.sp, cfg.model.attn_mask_type, cfg.model.eod_id = 2, "block_causal", EOD
+            engine = build_engine(cfg)
+            loss = engine.train_step(packed_batch())
             if rank == 0:
-                torch.save(got, os.path.join(out, f"{arch}_block_causal.pt"))
+                torch.save({"loss": loss}, os.path.join(out, f"{arch}_block_causal.pt"))
+            del engine
+            gc.collect()
     if world == 2:  # exact resume at sp2 + ZeRO-3: 3 steps, save, a fresh engine loads, 2 more steps
         cfg = run_config("llama", 1, 1, 3)
         cfg.parallel.sp = 2
