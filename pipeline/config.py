@@ -297,6 +297,18 @@ def find_problems(cfg: RunConfig, world_size: int | None = None) -> list[str]:
         problems.append(f"parallel.zero_stage must be 0-3, got {p.zero_stage}")
     if p.deepspeed_config and not os.path.isfile(p.deepspeed_config):
         problems.append(f"parallel.deepspeed_config: {p.deepspeed_config} is not a file")
+    elif p.deepspeed_config:
+        try:
+            with open(p.deepspeed_config) as f:
+                user_ds = json.load(f)
+        except (OSError, ValueError) as e:
+            user_ds = None
+            problems.append(f"parallel.deepspeed_config: {p.deepspeed_config} is not readable JSON ({e})")
+        # the trainer owns these: its optimizer groups, and the LR it sets before every step (pipeline/optim.py)
+        for key in ("optimizer", "scheduler"):
+            if isinstance(user_ds, dict) and key in user_ds:
+                problems.append(f"parallel.deepspeed_config: {p.deepspeed_config} sets '{key}', which the trainer "
+                                f"owns (train.lr, train.warmup_steps, train.decay_style, ...): remove it")
     if p.pp > 1 and p.zero_stage >= 2:
         problems.append(f"parallel.zero_stage {p.zero_stage} with parallel.pp {p.pp}: DeepSpeed's pipeline engine supports ZeRO 0-1 only; set parallel.zero_stage=1")
     if p.pp > 1 and p.zero_stage == 0 and t.precision == "bf16":

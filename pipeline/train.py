@@ -29,12 +29,12 @@ def prepare(args):
     before any process group starts: every user error surfaces here as one ValueError line."""
     from .config import load_config, validate
     from .data import TokenDocuments, build_datasets
+    from .data.documents import check_same_tokenizer
     from .dist import world_size_from_env
 
     cfg = load_config(args.config, args.overrides)
     docs = [TokenDocuments(d.path) for d in cfg.data.datasets]
-    if len({d.tokenizer["sha256"] for d in docs if d.tokenizer}) > 1:
-        raise ValueError("data.datasets were tokenized with different tokenizers; re-tokenize them with one")
+    check_same_tokenizer(docs)
     if cfg.model.vocab_size is None:
         if not docs[0].tokenizer:
             raise ValueError("model.vocab_size is unset and the first dataset has no manifest to take it from")

@@ -16,6 +16,18 @@ def _check(m, path: str) -> dict:
         if not isinstance(m.get(key), kind):
             raise ValueError(f"{path}: not a `preprocess tokenize` manifest (key {key!r} is missing or not a "
                              f"{ {list: 'list', dict: 'object', str: 'string'}[kind]}); {_FIX}")
+    if m["dtype"] not in ("uint8", "int8", "uint16", "int16", "int32", "int64"):
+        raise ValueError(f"{path}: dtype {m['dtype']!r} is not a token dtype of the .bin/.idx format (uint16, int32, "
+                         f"...); {_FIX}")
+    tok = m["tokenizer"]
+    for key, kinds in (("vocab_size", (int,)), ("eod_id", (int, type(None))), ("sha256", (str,))):
+        if key in tok and (not isinstance(tok[key], kinds) or isinstance(tok[key], bool)):
+            raise ValueError(f"{path}: tokenizer.{key} is {tok[key]!r}, not a {kinds[0].__name__}; {_FIX}")
+    if not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
+        raise ValueError(f"{path}: tokenizer.vocab_size is missing or below 1; {_FIX}")
+    if "sha256" not in tok:
+        raise ValueError(f"{path}: tokenizer.sha256 is missing (it tells datasets of different tokenizers apart); "
+                         f"{_FIX}")
     for i, s in enumerate(m["shards"]):
         if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("documents"), int)):
             raise ValueError(f"{path}: shards[{i}] lacks a name or a document count; {_FIX}")

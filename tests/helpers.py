@@ -14,9 +14,17 @@ class CliResult(NamedTuple):
 
 def run_main(main, argv: list[str], capsys) -> CliResult:
     """Run a CLI's `main(argv)` in this process (much faster than a new Python) and capture what it prints."""
+    import os
+    from unittest import mock
+
+    def no_exit(code):  # a CLI that ends with os._exit would end pytest silently, with exit 0
+        raise AssertionError(f"{getattr(main, '__module__', 'main')} called os._exit({code}) in the test process: "
+                             f"it went past its checks and ran")
+
     capsys.readouterr()  # drop anything printed before
     try:
-        main([str(a) for a in argv])
+        with mock.patch.object(os, "_exit", no_exit):
+            main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -36,8 +36,29 @@ def base(token_dir, tmp_path_factory) -> dict:
            "checkpoint": {"dir": str(d / "ckpt")}, "log": {"jsonl": str(d / "log.jsonl")}}
     (d / "run.yaml").write_text(yaml.safe_dump(cfg))
     (d / "a_file").write_text("not a folder\n")
+    (d / "ds_sched.json").write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    (d / "ds_bad.json").write_text("{not json")
     return {"config": str(d / "run.yaml"), "data": str(token_dir), "tmp": str(d), "file": str(d / "a_file"),
-            "seq_ckpt": _committed_tag_with_other_seq_len(d, token_dir)}
+            "seq_ckpt": _committed_tag_with_other_seq_len(d, token_dir),
+            **_broken_manifests(d, token_dir)}
+
+
+def _broken_manifests(d, token_dir) -> dict:
+    """Copies of the token folder (shards linked) whose manifest has one wrong field each."""
+    out = {}
+    for name, change in (("no_sha", lambda m: m["tokenizer"].pop("sha256")),
+                         ("bad_dtype", lambda m: m.update(dtype="foo")),
+                         ("vocab_str", lambda m: m["tokenizer"].update(vocab_size="100"))):
+        folder = d / f"data_{name}"
+        folder.mkdir()
+        for p in token_dir.iterdir():
+            if p.name.startswith("shard_"):
+                (folder / p.name).symlink_to(p)
+        m = json.loads((token_dir / "manifest.json").read_text())
+        change(m)
+        (folder / "manifest.json").write_text(json.dumps(m))
+        out[name] = str(folder)
+    return out
 
 
 def _committed_tag_with_other_seq_len(d, token_dir) -> str:
@@ -104,6 +125,17 @@ ROWS = [
      "log.tensorboard_dir", "error"),
     ("resume gpt with another seq_len", "train", TRAIN + ["checkpoint.dir={seq_ckpt}"], 2,
      "model.seq_len 128 -> 64", "error"),
+    ("manifest tokenizer without sha256", "train", TRAIN + ["data.datasets=[{path: {no_sha}}]"], 2,
+     "tokenizer.sha256", "error"),
+    ("manifest dtype foo", "train", TRAIN + ["data.datasets=[{path: {bad_dtype}}]"], 2, "dtype 'foo'", "error"),
+    ("manifest vocab_size a string", "train", TRAIN + ["data.datasets=[{path: {vocab_str}}]"], 2,
+     "tokenizer.vocab_size is '100'", "error"),
+    ("deepspeed json sets a scheduler", "train", TRAIN + ["parallel.deepspeed_config={tmp}/ds_sched.json"], 2,
+     "sets 'scheduler', which the trainer owns", "error"),
+    ("deepspeed json not json", "train", TRAIN + ["parallel.deepspeed_config={tmp}/ds_bad.json"], 2,
+     "is not readable JSON", "error"),
+    ("deepspeed json missing", "train", TRAIN + ["parallel.deepspeed_config={tmp}/none.json"], 2,
+     "none.json is not a file", "error"),
     ("plan world 0", "plan", ["--config", "{config}", "--world-size", "0"], 2,
      "argument --world-size: must be >= 1, got 0", "usage"),
     ("plan world -1", "plan", ["--config", "{config}", "--world-size", "-1"], 2,
@@ -141,6 +173,10 @@ def assert_usage_error(result, code: int, fragment: str) -> str:
 @pytest.mark.parametrize("cli,argv,code,fragment,kind", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
 def test_bad_input(base, capsys, monkeypatch, cli, argv, code, fragment, kind):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the input passed every check and training started")
+    monkeypatch.setattr("pipeline.train.run", ran)
     result = run_main(_main(cli), [_fill(a, base) for a in argv], capsys)
     check = assert_one_error if kind == "error" else assert_usage_error
     check(result, code, _fill(fragment, base))
