@@ -72,9 +72,17 @@ def main(argv=None) -> None:
 
             out = reshape(args.ckpt, args.out, args.tp, args.pp, args.tag, args.overwrite)
             print(f"wrote reshaped checkpoint to {out}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # the user's input: exit 2
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+            IsADirectoryError) as e:  # the user's input or paths: exit 2
+        print(f"error: {_first_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except (OSError, ImportError) as e:  # the machine (disk full, permissions, a missing package): exit 1
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except (OSError, ImportError, RuntimeError) as e:  # the machine (disk full, a missing package, a crash): exit 1
+        print(f"error: {_first_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.filename not in text:
+        text += f": {e.filename}"
+    return text

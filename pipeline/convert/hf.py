@@ -30,7 +30,7 @@ import yaml
 from ..checkpoint import WEIGHTS_FILE, WEIGHTS_ONLY, commit, tag_for
 from ..checkpoint.read import open_checkpoint
 from ..config import ModelConfig, RunConfig, find_problems, load_config
-from ..fs import staging_dir
+from ..fs import flush_filesystem, staging_dir
 from .safetensors import DEFAULT_SHARD_BYTES, DTYPES, write_safetensors
 from .tokenizer import (HF_TOKENIZER_DIR, SP_MODEL, copy_hf_tokenizer, hf_tokenizer_ids, is_hf_tokenizer_dir,
                         load_hf_tokenizer, save_hf_tokenizer, tokenizer_info)
@@ -292,5 +292,6 @@ def from_hf(hf_dir: str, ckpt_dir: str, config_path: str | None = None, overwrit
             copy_hf_tokenizer(hf_dir, os.path.join(tmp, HF_TOKENIZER_DIR))
         elif os.path.isfile(os.path.join(hf_dir, SP_MODEL)):
             shutil.copyfile(os.path.join(hf_dir, SP_MODEL), os.path.join(tmp, SP_MODEL))
+        flush_filesystem(tmp)  # the weights reach storage before the marker that vouches for them
         commit(tmp, tag, {"step": 0, "weights_only": True})
     return ckpt_dir

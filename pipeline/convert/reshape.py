@@ -35,7 +35,7 @@ from .. import ds_compat
 from ..checkpoint.read import committed_tag, detect_layout, read_run_config
 from ..checkpoint.safe import load_file, refuse_unsafe_files
 from ..config import validate
-from ..fs import staging_dir
+from ..fs import flush_filesystem, staging_dir
 from .hf import copy_beside
 
 
@@ -124,7 +124,7 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-            raise ValueError(f"DeepSpeed's universal-checkpoint converter failed on {src}: {last[0]}")
+            raise RuntimeError(f"DeepSpeed's universal-checkpoint converter failed on {src}: {last[0]}")
         shutil.rmtree(work)
         dst = os.path.join(tmp, tag)
         if layout == "pipeline":
@@ -148,5 +148,6 @@ def reshape(ckpt_dir: str, out: str, tp: int, pp: int, tag: str | None = None, o
                        "to": {"tp": tp, "pp": pp}}, f)
         copy_beside(ckpt_dir, tmp)  # the tokenizer and the HF source config travel with the weights
         old = {k: v for k, v in marker(ckpt_dir, tag).items() if k not in ("files", "time")}
+        flush_filesystem(tmp)  # the tag's files reach storage before the marker that vouches for them
         commit(tmp, tag, {**old, "reshaped_from": os.path.abspath(src)})
     return out
