@@ -2,7 +2,6 @@
 damaged checkpoints, dead ranks. The uninterrupted run is the oracle: every logged loss must equal its."""
 import json
 import os
-import random
 import signal
 import time
 
@@ -73,36 +72,35 @@ def test_sigusr1_checkpoints_and_resume_is_exact(tmp_path, token_dir, reference)
     assert_matches_reference(tmp_path, reference)
 
 
+# (kill point, tag, rank): a rank dies after writing the first file of a save, or rank 0 once every file of the tag
+# is written and flushed but before its marker (pipeline/checkpoint/writer.py's test hook)
+KILL_POINTS = [("kill", "global_step3", 1), ("kill", "global_step5", 0), ("kill-before-commit", "global_step8", 0)]
+
+
 def test_kill9_during_saves_then_resume(tmp_path, token_dir, reference):
-    """10 trials: kill -9 one rank at a random moment of a run that saves every step; the other rank must end
-    within the timeout; the next run resumes from the last committed tag. Every logged loss equals the oracle's."""
-    cfg = write_config(tmp_path, token_dir, train__steps=STEPS * 100, train__dist_timeout_s=60)
-    rng = random.Random(0)
+    """kill -9 at set points inside saves (every step saves): the other rank ends within the timeout, the killed
+    save is never committed and `latest` never names it, and the next run resumes from the last committed tag.
+    Every logged loss equals the uninterrupted run's."""
+    cfg = write_config(tmp_path, token_dir, train__dist_timeout_s=60)
     ckpt = tmp_path / "ckpt"
     interrupted_saves = 0
-    for trial in range(10):
-        before = committed_steps(ckpt)
-        procs = start_ranks(2, "--config", cfg, f"train.steps={STEPS}", log_dir=tmp_path)
-        # wait until this run has committed a new checkpoint, then kill at a random moment
-        deadline = time.time() + 240
-        while time.time() < deadline and committed_steps(ckpt) == before and all(p.poll() is None for p in procs):
-            time.sleep(0.05)
-        assert committed_steps(ckpt) != before, f"trial {trial}: no new checkpoint; see {tmp_path}/rank0.log"
-        time.sleep(rng.uniform(0.0, 0.6))
-        victim = procs[rng.randrange(2)]
-        if victim.poll() is None:
-            victim.send_signal(signal.SIGKILL)
+    for action, tag, rank in KILL_POINTS:
+        os.environ["PIPELINE_CKPT_TEST_HOOK"] = f"{action}:{tag}:{rank}"
+        try:
+            procs = start_ranks(2, "--config", cfg, log_dir=tmp_path)
+        finally:
+            del os.environ["PIPELINE_CKPT_TEST_HOOK"]
         t0 = time.time()
-        codes = wait_all(procs, 150)
-        assert None not in codes, f"trial {trial}: a rank outlived its peer by 150 s"
-        assert time.time() - t0 < 120
-        uncommitted = [d for d in ckpt.glob("global_step*") if not (d / "COMMITTED").exists()]
-        interrupted_saves += bool(uncommitted)
+        codes = wait_all(procs, 240)
+        assert codes[rank] == -signal.SIGKILL, f"{action}:{tag}:{rank}: exit codes {codes}; see {tmp_path}/rank0.log"
+        assert None not in codes and time.time() - t0 < 240, f"{action}:{tag}: a rank outlived its peer"
+        assert (ckpt / tag).is_dir() and not (ckpt / tag / "COMMITTED").exists(), f"{tag} was committed"
+        interrupted_saves += 1
         latest = (ckpt / "latest").read_text().strip()
-        assert (ckpt / latest / "COMMITTED").exists(), f"trial {trial}: latest names an uncommitted tag"
-        if committed_steps(ckpt) and max(committed_steps(ckpt)) >= STEPS:
-            break
-    assert run_ranks(2, "--config", cfg, f"train.steps={STEPS}", log_dir=tmp_path) == [0, 0]
+        assert latest != tag and (ckpt / latest / "COMMITTED").exists(), f"latest names {latest}"
+        assert max(committed_steps(ckpt)) == int(tag[len("global_step"):]) - 1
+    assert interrupted_saves == len(KILL_POINTS)
+    assert run_ranks(2, "--config", cfg, log_dir=tmp_path) == [0, 0]
     assert_matches_reference(tmp_path, reference)
 
 
