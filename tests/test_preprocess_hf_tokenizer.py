@@ -54,7 +54,7 @@ def train_texts(corpus_dir):
 
 @pytest.fixture(scope="module")
 def kinds(train_texts, corpus_dir, tokenizer_model, tmp_path_factory):
-    """{kind: (--tokenizer path, the transformers tokenizer that is the reference, expected EOD token)}."""
+    """{kind: (--tokenizer path, the transformers tokenizer whose ids are the reference, expected EOD token)}."""
     import sentencepiece as spm
     from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, \
         trainers
@@ -133,9 +133,9 @@ KINDS = ["hf_folder_byte_bpe", "tokenizer_json", "vocab_merges_folder", "llama3_
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_shard_ids_equal_transformers_ids_plus_eod(kinds, parity_corpus, tmp_path, kind):
-    from preprocess.tokenize import tokenize
-
     import sentencepiece as spm
+
+    from preprocess.tokenize import tokenize
 
     path, auto, eod_token = kinds[kind]
     reference = _reference(auto, kind)
