@@ -27,9 +27,9 @@ LAYOUTS = {
     "pp2_tp2_zero1": (4, 2, 2, 1, False),
 }
 VARIANTS = {"gpt": ("gpt", False), "llama": ("llama", False), "llama_qk_norm": ("llama", True)}
-# Fewer engines on a small machine: four ranks and the checkpointing layouts for one variant each
-RUN_ON = {"pp2_tp2_zero1": ("llama_qk_norm",), "pp2_zero1_checkpointing": ("gpt",),
-          "tp2_zero1_checkpointing": ("llama_qk_norm",)}
+# Fewer engines on a small machine: qk_norm where tp or stages touch it, four ranks and checkpointing once each
+RUN_ON = {"dp2_zero3": ("gpt", "llama"), "pp2_zero1": ("gpt", "llama_qk_norm"), "pp2_tp2_zero1": ("llama_qk_norm",),
+          "pp2_zero1_checkpointing": ("gpt",), "tp2_zero1_checkpointing": ("llama_qk_norm",)}
 
 
 def model_config(arch: str, qk_norm: bool = False, seq_len: int = 24):
