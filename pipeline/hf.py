@@ -205,15 +205,11 @@ def model_config_from_hf(hf) -> ModelConfig:
         values.update(rope_theta=theta, rope_scaling=scaling)
     if fam.arch == "gpt" and getattr(hf, "n_inner", None) is None:
         values["ffn_hidden_size"] = 4 * hidden
-    implied = dict(fam.implied)
-    if implied.get("qk_norm") and "qk_norm" not in {f.name for f in dataclasses.fields(ModelConfig)}:
-        bad.append("per-head q/k normalisation (qk_norm)")
-        implied.pop("qk_norm")
     if bad:
         raise ValueError(f"the Hugging Face {t} config uses features our model lacks: {', '.join(bad)}")
     if fam.arch == "gpt":
         values["kv_heads"] = heads
-    return ModelConfig(arch=fam.arch, **values, **implied)
+    return ModelConfig(arch=fam.arch, **values, **fam.implied)
 
 
 def sliding_window(hf) -> int | None:

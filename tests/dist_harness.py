@@ -38,6 +38,8 @@ def _child(fn, rank: int, world_size: int, port: int, queue, args) -> None:
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, "error", traceback.format_exc()))
         code = 1
+    queue.close()
+    queue.join_thread()  # the queue's feeder thread must have written the result before os._exit ends the process
     os._exit(code)
 
 

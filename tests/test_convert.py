@@ -161,6 +161,47 @@ def test_tokenizer_round_trip(tokenizer_model, imported, tmp_path):
         assert tok.decode(ids) == sp.decode(ids)
     gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert gen["eos_token_id"] == sp.eos_id()
+    # conventions transformers users rely on: a pad id in config.json (batched sequence classification), and a
+    # model_max_length that truncation=True can trust
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["pad_token_id"] == sp.pad_id() == tok.pad_token_id
+    run = json.loads((ckpt / "global_step0" / "run_config.json").read_text())
+    assert tok.model_max_length == run["model"]["seq_len"]
+    assert len(tok("word " * 500, truncation=True)["input_ids"]) == run["model"]["seq_len"]
+
+
+def test_trainer_keeps_an_hf_tokenizer_beside_the_checkpoints(imported, tmp_path):
+    """loop.copy_tokenizer: the data's HF tokenizer (a folder or a bare tokenizer.json, as the manifest records
+    it) lands in CKPT/tokenizer/ unchanged, and to-hf then exports it (a bare tokenizer.json with its EOS named)."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from pipeline.loop import copy_tokenizer
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<|endoftext|>", "hello", "world"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["<|endoftext|>"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(tmp_path / "folder")
+    _, ckpt, _ = imported
+    for kind, src in [("folder", tmp_path / "folder"), ("file", tmp_path / "tokenizer.json")]:
+        work = tmp_path / f"ckpt-{kind}"
+        shutil.copytree(ckpt, work)
+        shutil.rmtree(work / "tokenizer", ignore_errors=True)
+        shutil.rmtree(work / "hf_source")
+        docs = [SimpleNamespace(tokenizer={"kind": "hf", "path": str(src)})]
+        copy_tokenizer(SimpleNamespace(checkpoint=SimpleNamespace(dir=str(work))), docs)
+        names = sorted(os.listdir(work / "tokenizer"))
+        assert names == (sorted(os.listdir(src)) if kind == "folder" else ["tokenizer.json"])
+        for name in names:
+            assert (work / "tokenizer" / name).read_bytes() == ((src / name) if kind == "folder" else src).read_bytes()
+        convert.to_hf(str(work), str(tmp_path / f"hf-{kind}"))
+        tok = AutoTokenizer.from_pretrained(tmp_path / f"hf-{kind}")
+        assert tok("hello world")["input_ids"] == [2, 3] and tok.eos_token == "<|endoftext|>"
+        assert json.loads((tmp_path / f"hf-{kind}" / "config.json").read_text())["eos_token_id"] == 1
 
 
 BAD_INPUTS = [  # (name, how to spoil a good checkpoint or HF folder, the command)

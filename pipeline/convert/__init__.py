@@ -5,7 +5,9 @@
                     from_hf: an HF folder → a weights-only step-0 checkpoint
     reshape.py      weights and optimizer state → another tp/pp layout (DeepSpeed universal checkpoints)
     safetensors.py  the streaming safetensors writer
-    tokenizer.py    our SentencePiece model as an HF tokenizer
+    tokenizer.py    the tokenizer beside a checkpoint (HF tokenizer files, or our SentencePiece model as an
+                    HF tokenizer)
+The HF name and config tables (one per family: llama, mistral, qwen2, qwen3, gpt2) live in `pipeline.hf`.
 Reading a checkpoint of any layout lives in `pipeline.checkpoint.read`.
 """
 from .cli import main
