@@ -260,7 +260,7 @@ def hf_config_dict(m: ModelConfig, ids: dict, dtype: str, source: dict | None = 
         out.update(resid_pdrop=d, embd_pdrop=d, attn_pdrop=d)
     out.update(model_type=fam.model_type, architectures=[fam.architecture], torch_dtype=dtype, dtype=dtype,
                use_cache=True)
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if not source or ids.get(k) is not None:
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the source's own (e.g. Llama 3's EOS list) first
+        if out.get(k) is None:
             out[k] = ids.get(k)
     return out

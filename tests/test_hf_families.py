@@ -19,7 +19,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, head_dim=16, bos_token_id=1, eos_token_id=2)
 FAMILIES = {  # name: (transformers config class, its arguments)
-    "llama3.1": ("LlamaConfig", dict(SMALL, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False)),
+    "llama3.1": ("LlamaConfig", dict(SMALL, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False,
+                                     eos_token_id=[2, 7])),  # Llama 3.1 instruct lists several EOS ids
     "llama3.2-tied": ("LlamaConfig", dict(SMALL, rope_theta=500000.0, tie_word_embeddings=True,
                                           rope_scaling=dict(LLAMA3_ROPE, factor=32.0))),
     "llama-linear": ("LlamaConfig", dict(SMALL, rope_scaling={"rope_type": "linear", "factor": 4.0})),
@@ -138,8 +139,9 @@ def test_from_hf_then_to_hf_gives_identical_tensors(converted, tmp_path):
     for k, v in back.items():
         assert torch.equal(v, src[k]), k
     a, b = AutoConfig.from_pretrained(hf_dir), AutoConfig.from_pretrained(tmp_path / "back")
-    assert (a.model_type, a.architectures, a.tie_word_embeddings) == (b.model_type, b.architectures,
-                                                                      b.tie_word_embeddings)
+    keys = ("model_type", "architectures", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+            "max_position_embeddings", "n_positions", "sliding_window", "use_sliding_window")
+    assert [getattr(a, k, None) for k in keys] == [getattr(b, k, None) for k in keys], family
     assert getattr(a, "rope_parameters", None) == getattr(b, "rope_parameters", None)
     # transformers 4.x reads the RoPE settings from these keys (5.x from rope_parameters)
     raw = json.loads((tmp_path / "back" / "config.json").read_text())
