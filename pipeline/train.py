@@ -39,6 +39,10 @@ def prepare(args):
         if not docs[0].tokenizer:
             raise ValueError("model.vocab_size is unset and the first dataset has no manifest to take it from")
         cfg.model.vocab_size = docs[0].tokenizer["vocab_size"]
+    data_vocab = (docs[0].tokenizer or {}).get("vocab_size")
+    if data_vocab and data_vocab > cfg.model.vocab_size:  # e.g. a from-hf model fed data of another tokenizer
+        raise ValueError(f"{cfg.data.datasets[0].path}: tokenized with a vocabulary of {data_vocab} tokens, more "
+                         f"than model.vocab_size {cfg.model.vocab_size}; tokenize with the model's own tokenizer")
     if cfg.model.eod_id is None and cfg.model.attn_mask_type == "block_causal":
         cfg.model.eod_id = (docs[0].tokenizer or {}).get("eod_id")
         if cfg.model.eod_id is None:

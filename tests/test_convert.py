@@ -243,3 +243,18 @@ def test_bad_input_gives_one_line_error_and_writes_nothing(name, spoil, command,
     assert code != 0, name
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == before, "something was written"
+
+
+def test_data_of_a_larger_vocabulary_is_refused_before_start(token_dir, tmp_path, capsys):
+    """A model (say from-hf) with fewer token ids than the data's tokenizer would index past its embeddings: the
+    trainer refuses it in one line before any process group starts."""
+    from pipeline.train import main as train_main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"arch": "llama", "vocab_size": VOCAB},
+                                   "data": {"datasets": [{"path": str(token_dir), "weight": 1}]},
+                                   "checkpoint": {"dir": str(tmp_path / "ckpt")}}))
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"more than model.vocab_size {VOCAB}" in err, err
