@@ -36,9 +36,10 @@ CPU_SHAPES = {  # arch: model config at a size a CPU does in about a second per 
 def _hf_model(cfg: ModelConfig):
     import transformers
 
-    from pipeline.hf import hf_config
+    from pipeline.hf import hf_config_dict
 
-    hf = hf_config(cfg, None)
+    d = hf_config_dict(cfg, {}, "float32")
+    hf = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
     hf._attn_implementation = "sdpa"
     cls = transformers.LlamaForCausalLM if cfg.arch == "llama" else transformers.GPT2LMHeadModel
     torch.manual_seed(0)
