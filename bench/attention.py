@@ -3,10 +3,10 @@
 
 Forward+backward tokens/s of the same model (the CPU shape of bench/model.py: Llama, 4 layers, h512) on the same
 packed samples (documents of geometric lengths, mean --doc-len, each ended by EOD), with `causal` and with
-`block_causal`, interleaved repetitions in alternating order; prints block_causal ÷ causal by wall time and by process
-CPU time (goal on CPU: >= 0.9 at seq 1024). Then the peak resident memory of one forward+backward each way, each in a fresh process (the peak
-is per process). On CUDA the same script times the FlexAttention path. Run on a shared machine under
-`flock /tmp/bench.lock`.
+`block_causal`, interleaved repetitions in alternating order; prints block_causal ÷ causal by wall time and by
+process CPU time (goal on CPU: >= 0.9 at seq 1024). Then the peak resident memory of one forward+backward each
+way, each in a fresh process (the peak is per process). On CUDA the same script times the FlexAttention path.
+Run on a shared machine under `flock /tmp/bench.lock`.
 """
 from __future__ import annotations
 

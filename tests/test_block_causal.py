@@ -179,8 +179,9 @@ def oracle(variant: str):
     with torch.no_grad():
         held_out = global_batch(99)
         losses.append(float(lm_loss(model.eval()(held_out[:, :-1]), held_out[:, 1:])))
-    return losses, norms, {k: v.detach()[:VOCAB] if k.endswith(("embed_tokens.weight", "lm_head.weight")) else v.detach()
-                    for k, v in model.named_parameters()}
+    vocab_rows = ("embed_tokens.weight", "lm_head.weight")
+    return losses, norms, {k: v.detach()[:VOCAB] if k.endswith(vocab_rows) else v.detach()
+                           for k, v in model.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +235,8 @@ def _worker(out: str) -> None:
             losses.append(engine.eval_loss(global_batch(99)[mine]))
             params = engine.full_state_dict()
             if rank == 0:
-                torch.save({"losses": losses, "norms": norms, "params": params}, os.path.join(out, f"{variant}_{layout}.pt"))
+                torch.save({"losses": losses, "norms": norms, "params": params},
+                           os.path.join(out, f"{variant}_{layout}.pt"))
             del engine
             gc.collect()
     dist.exit_cleanly(0)

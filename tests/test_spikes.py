@@ -1,6 +1,7 @@
 """train.skip_spikes: the rule (rolling mean + k·std of the last N applied steps), and through the real trainer an
 injected outlier batch skipped on every rank with the weights bitwise unchanged, counted in log.jsonl, and a
-resume across the skip that gives the straight run's losses bit for bit (1 process ZeRO-3; 2 pipeline stages).
+resume across the skip that gives the straight run's losses bit for bit (1 process ZeRO-3; 2 pipeline stages;
+ZeRO-1 in bf16, without resume).
 
 This file is also the trainer's entry point for those runs (`__main__` below): pipeline.train with the batch of
 step SPIKE_AT replaced by an outlier (one rare token repeated).
@@ -56,7 +57,12 @@ def test_skip_spikes_needs_a_zero_optimizer():
                    "train": {"skip_spikes": True}})
 
 
-LAYOUTS = {"zero3": (1, {"zero_stage": 3}, "llama"), "pp2_zero1": (2, {"pp": 2, "zero_stage": 1}, "gpt")}
+# name: (ranks, parallel section, arch, precision, resume from these steps)
+LAYOUTS = {
+    "zero3": (1, {"zero_stage": 3}, "llama", "fp32", (SPIKE_AT - 2, SPIKE_AT)),  # before the spike: it recurs
+    "pp2_zero1": (2, {"pp": 2, "zero_stage": 1}, "gpt", "fp32", (SPIKE_AT - 2,)),
+    "zero1_bf16": (1, {"zero_stage": 1}, "llama", "bf16", ()),  # DeepSpeed's ZeRO-1/2 optimizer class, in bf16
+}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -66,13 +72,14 @@ def test_outlier_step_is_skipped_and_a_resume_across_it_is_exact(tmp_path, token
     from pipeline.convert.hf import read_checkpoint
     from tests.conftest import torchrun
 
-    ranks, parallel, arch = LAYOUTS[layout]
+    ranks, parallel, arch, precision, resumes = LAYOUTS[layout]
 
     def run(name):
         cfg = {"model": {"arch": arch, "num_layers": 2, "hidden_size": 32, "num_heads": 4, "seq_len": 32},
                "parallel": parallel, "data": {"datasets": [{"path": str(token_dir), "weight": 1.0}]},
                "train": {"steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "lr": 3e-3,
-                         "warmup_steps": 1, "skip_spikes": True, "spike_window": WINDOW, "spike_sigma": 3.0},
+                         "precision": precision, "warmup_steps": 1, "skip_spikes": True, "spike_window": WINDOW,
+                         "spike_sigma": 3.0},
                "checkpoint": {"dir": str(tmp_path / name), "interval": 1, "keep": STEPS},
                "log": {"interval": 1, "jsonl": str(tmp_path / f"{name}.jsonl")}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
@@ -81,15 +88,16 @@ def test_outlier_step_is_skipped_and_a_resume_across_it_is_exact(tmp_path, token
         return {r["step"]: r for r in rows if "split" not in r}, proc.stdout + proc.stderr
 
     straight, output = run("straight")
-    assert [straight[s]["skipped_steps"] for s in range(1, STEPS + 1)] == [0] * (SPIKE_AT - 1) + [1] * (STEPS - SPIKE_AT + 1)
+    skipped = [straight[s]["skipped_steps"] for s in range(1, STEPS + 1)]
+    assert skipped == [0] * (SPIKE_AT - 1) + [1] * (STEPS - SPIKE_AT + 1)
     assert f"step {SPIKE_AT}: loss spike, update skipped" in output
     assert output.count("loss spike") == 1  # logged once (rank 0), not at any other step
-    weights = {s: read_checkpoint(str(tmp_path / "straight"), f"global_step{s}")[0] for s in (SPIKE_AT - 1, SPIKE_AT, SPIKE_AT + 1)}
+    weights = {s: read_checkpoint(str(tmp_path / "straight"), f"global_step{s}")[0]
+               for s in (SPIKE_AT - 1, SPIKE_AT, SPIKE_AT + 1)}
     for name, before in weights[SPIKE_AT - 1].items():
         assert torch.equal(weights[SPIKE_AT][name], before), name  # the skipped step changed nothing
     assert any(not torch.equal(weights[SPIKE_AT + 1][n], w) for n, w in weights[SPIKE_AT].items())  # then it trains
-    # resume before the spike (the statistics travel: it recurs) and, in one process, after it (the count travels)
-    for start in (SPIKE_AT - 2, SPIKE_AT) if ranks == 1 else (SPIKE_AT - 2,):
+    for start in resumes:  # before the spike (the statistics travel: it recurs), after it (the count travels)
         name = f"resumed_at_{start}"
         shutil.copytree(tmp_path / "straight" / f"global_step{start}", tmp_path / name / f"global_step{start}")
         (tmp_path / name / "latest").write_text(f"global_step{start}")
