@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 _compiled_flex = None
+CHUNK = 512  # query rows per SDPA call when a long sequence is cut (see _chunked)
 
 
 def document_ids(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
@@ -58,6 +59,8 @@ def doc_mask(doc: torch.Tensor, q_len: int | None = None, flex: bool = False):
 def attend(q, k, v, mask, dropout_p: float = 0.0, gqa: bool = False) -> torch.Tensor:
     """Attention of q [b, heads, q_len, d] over k, v [b, kv_heads, kv, d] under `mask` (from doc_mask)."""
     if isinstance(mask, torch.Tensor):
+        if q.shape[2] == k.shape[2] >= 4 * CHUNK:
+            return _chunked(q, k, v, mask, dropout_p, gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
     global _compiled_flex
     if _compiled_flex is None:  # compiled once per process; uncompiled flex runs a slow reference version
@@ -65,3 +68,20 @@ def attend(q, k, v, mask, dropout_p: float = 0.0, gqa: bool = False) -> torch.Te
 
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def _chunked(q, k, v, mask, dropout_p: float, gqa: bool) -> torch.Tensor:
+    """SDPA's CPU kernel skips masked blocks only for is_causal; under a boolean mask it computes every block. On
+    long sequences the queries go in chunks of CHUNK rows, each against the keys from the first one any of its
+    rows may see (the start of its earliest document, rounded down to 64) to its last row: what is left is about
+    the documents' own triangles, less work than causal attention (bench/attention.py: 4096 tokens). Below four
+    chunks the copies cost more than they save."""
+    s, out = q.shape[2], []
+    for a in range(0, s, CHUNK):
+        e = min(a + CHUNK, s)
+        rows = mask[..., a:e, :e]
+        seen = rows.any(-2).flatten(0, -2).any(0)  # [e]: keys any of these queries sees, in any sample
+        lo = int(seen.int().argmax()) // 64 * 64
+        out.append(F.scaled_dot_product_attention(q[:, :, a:e], k[:, :, lo:e], v[:, :, lo:e], attn_mask=rows[..., lo:],
+                                                  dropout_p=dropout_p, enable_gqa=gqa))
+    return torch.cat(out, dim=2)

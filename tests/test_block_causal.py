@@ -128,6 +128,30 @@ def test_flex_block_mask_masks_as_the_sdpa_mask():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_long_sequences_attend_in_chunks_with_the_same_results():
+    """From 4 x CHUNK tokens the CPU path cuts the queries into chunks over the keys they may see: same output and
+    gradients as one SDPA call under the whole mask."""
+    import torch.nn.functional as F
+
+    from pipeline.attention import CHUNK, attend, doc_mask, document_ids
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(EOD + 1, VOCAB, (2, 4 * CHUNK + 100), generator=g)
+    tokens[tokens % 97 == 0] = EOD  # documents of ~100 tokens; one sample also holds a long one
+    tokens[1, 700:2000] = EOD + 1
+    mask = doc_mask(document_ids(tokens, EOD))
+    results = []
+    for chunked in (False, True):
+        q, k, v = (torch.randn(2, h, tokens.shape[1], 8, generator=torch.Generator().manual_seed(h),
+                               requires_grad=True) for h in (4, 2, 2))
+        out = attend(q, k, v, mask, gqa=True) if chunked else \
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out.pow(2).sum().backward()
+        results.append([out, q.grad, k.grad, v.grad])
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_document_ids_and_positions():
     from pipeline.attention import document_ids, document_positions
 
