@@ -81,6 +81,24 @@ def test_sequence_parallel_resumes_exactly(results):
     assert got["resumed"] == got["straight"][3:]
 
 
+def test_sequence_parallel_checkpoint_reads_and_exports_like_any_other(results, tmp_path):
+    """The sp2 + ZeRO-3 checkpoint: its weights, read in one process, are the engine's, and `to-hf` loads in
+    transformers."""
+    import transformers
+
+    from pipeline.checkpoint.read import open_checkpoint
+    from tests.conftest import run_cli
+
+    want = torch.load(results / "resume.pt")["weights"]
+    got, _, tag, _ = open_checkpoint(str(results / "ckpt"))
+    assert tag == "global_step3" and set(got.keys()) >= set(want)
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    run_cli("-m", "pipeline.convert", "to-hf", str(results / "ckpt"), str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(hf.model.embed_tokens.weight, want["embed_tokens.weight"])
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"parallel": {"sp": 2}, "model": {"num_heads": 3, "hidden_size": 48}}, "divisible by parallel.tp x parallel.sp = 2"),
     ({"parallel": {"sp": 2, "tp": 2}, "model": {"num_heads": 4, "kv_heads": 2}}, "divisible by parallel.tp x parallel.sp = 4"),
@@ -103,6 +121,22 @@ def test_data_parallel_size_counts_sequence_parallel_ranks():
     validate(cfg, world_size=8)  # dp = 8 / (tp 2 x sp 2) = 2: 8 = 2 x 2 x 2
     with pytest.raises(ValueError, match="parallel.tp\\*parallel.pp\\*parallel.sp = 4"):
         validate(cfg, world_size=6)
+
+
+def test_resume_across_sp_follows_the_zero_partitions(tmp_path):
+    """ZeRO partitions over data x sequence parallel ranks: changing sp at the same world size loads; the same
+    sp on fewer ranks is another layout."""
+    import json
+
+    from pipeline.checkpoint import layout_change
+
+    tag = tmp_path / "global_step2"
+    tag.mkdir()
+    (tag / "run_config.json").write_text(json.dumps({"parallel": {"tp": 1, "pp": 1, "sp": 2, "zero_stage": 3}}))
+    (tag / "COMMITTED").write_text(json.dumps({"world_size": 2}))
+    sp1 = {"tp": 1, "pp": 1, "sp": 1, "zero_stage": 3}
+    assert layout_change(str(tmp_path), tag.name, sp1, 2) is None
+    assert "dp 2 -> 1" in layout_change(str(tmp_path), tag.name, sp1, 1)
 
 
 def test_plan_counts_sequence_parallel_activations_and_refuses_bad_layouts():
@@ -183,13 +217,14 @@ def _worker(out: str) -> None:
         engine = build_engine(cfg)
         _train(engine, cfg, 3)
         checkpoint.save(engine.engine, ckpt, 3, {"step": 3}, cfg.to_dict(), keep=2, sync=False)
+        weights = engine.full_state_dict()
         del engine
         gc.collect()
         engine = build_engine(cfg)
         checkpoint.load(engine.engine, ckpt, checkpoint.tag_for(3))
         resumed = _train(engine, cfg, 2, start=3)
         if rank == 0:
-            torch.save({"straight": straight, "resumed": resumed}, os.path.join(out, "resume.pt"))
+            torch.save({"straight": straight, "resumed": resumed, "weights": weights}, os.path.join(out, "resume.pt"))
     dist.exit_cleanly(0)
 
 

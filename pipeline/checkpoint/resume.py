@@ -38,8 +38,10 @@ def layout_change(ckpt_dir: str, tag: str, parallel_cfg: dict, world_size: int |
         return None  # an older or unreadable tag: check_compatible and DeepSpeed speak for it
 
     def sizes(p: dict, world: int | None) -> dict:
-        tp, pp, sp = int(p.get("tp", 1)), int(p.get("pp", 1)), int(p.get("sp", 1) or 1)
-        return {"tp": tp, "pp": pp, "dp": world // (tp * pp * sp) if world else None,
+        tp, pp = int(p.get("tp", 1)), int(p.get("pp", 1))
+        # "dp": the ranks ZeRO partitions over, data x sequence parallel (Ulysses ranks hold the same weights and
+        # are DeepSpeed's data-parallel ranks too, pipeline/parallel/groups.py): a change of sp alone loads.
+        return {"tp": tp, "pp": pp, "dp": world // (tp * pp) if world else None,
                 "zero_stage": int(p.get("zero_stage", 0))}
     a, b = sizes(old, old_world), sizes(parallel_cfg, world_size)
     if (a["zero_stage"] == 3) != (b["zero_stage"] == 3):
