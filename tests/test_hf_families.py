@@ -154,8 +154,9 @@ def test_from_hf_then_to_hf_gives_identical_tensors(converted, tmp_path):
         assert torch.equal(again(x).logits, hf(x).logits)
 
 
-def test_to_hf_of_our_own_qkv_bias_model_is_qwen2(tmp_path):
-    """A model trained from scratch with model.qkv_bias exports as Qwen2 (the family for its features)."""
+@pytest.mark.parametrize("feature,architecture", [("qkv_bias", "Qwen2ForCausalLM"), ("qk_norm", "Qwen3ForCausalLM")])
+def test_to_hf_of_our_own_model_picks_the_family_of_its_features(feature, architecture, tmp_path):
+    """A model trained from scratch with model.qkv_bias exports as Qwen2, with model.qk_norm as Qwen3."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -165,12 +166,12 @@ def test_to_hf_of_our_own_qkv_bias_model_is_qwen2(tmp_path):
 
     cfg = RunConfig()
     cfg.model = ModelConfig(arch="llama", num_layers=2, hidden_size=32, num_heads=4, kv_heads=2, ffn_hidden_size=64,
-                            vocab_size=VOCAB, seq_len=32, qkv_bias=True, init_std=0.3)
+                            vocab_size=VOCAB, seq_len=32, init_std=0.3, **{feature: True})
     model = build_model(cfg.model, seed=3)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.3)
+            if p.dim() == 1:  # biases and norms away from 0 and 1, so that a lost one shows
+                p.add_(torch.randn_like(p) * 0.3)
     tag = tmp_path / "ckpt" / "global_step0"
     tag.mkdir(parents=True)
     sd = {k: v[:VOCAB].clone() if "embed" in k or "lm_head" in k else v.clone() for k, v in model.state_dict().items()}
@@ -180,7 +181,7 @@ def test_to_hf_of_our_own_qkv_bias_model_is_qwen2(tmp_path):
     commit(str(tmp_path / "ckpt"), "global_step0", {"step": 0, "weights_only": True})
     convert.to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    assert type(hf).__name__ == architecture
     x = tokens(20)
     with torch.no_grad():
         assert (hf(x).logits - model.eval()(x)).abs().max().item() <= 1e-4
