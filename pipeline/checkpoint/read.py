@@ -27,6 +27,7 @@ from .. import ds_compat
 from ..config import RunConfig, from_dict
 from .commit import COMMIT, WEIGHTS_FILE, WEIGHTS_ONLY, resolve_tag
 from .safe import load_file
+
 _ZERO_MODEL, _ZERO_OPTIM = ds_compat.ZERO3_MODEL_FILE, ds_compat.ZERO3_OPTIM_FILE
 _MP_MODEL, _LAYER = ds_compat.MODEL_FILE, ds_compat.PIPE_LAYER_FILE
 
