@@ -8,10 +8,13 @@ them straight into the chunk's gradients (the approach of torchtitan's and Liger
 code serves the vocab-parallel head: `weight` holds this rank's vocabulary rows [vocab_start, ...), and only
 per-token scalars (max, sum of exponentials, target logit) cross the tensor-parallel group, in forward only.
 
+When the whole micro batch fits in one chunk (small vocabularies, short micro batches: the chunk's logits are
+within the same budget), forward keeps that chunk's logits and backward does not recompute them.
+
 Labels of IGNORE (-100) are left out of both means. Under sequence parallelism (`sp_group`) each rank holds a
 slice of every sequence: the means divide by the token count of the whole sequences, times sp, so that the
-average over the sp ranks (DeepSpeed's gradient averaging, the engine's loss) is the mean over all tokens. Columns at or past `vocab_size` (vocabulary padding) are
-never part of the softmax. Logits are computed in the weight's dtype and upcast to fp32 for the softmax, as the
+average over the sp ranks (DeepSpeed's gradient averaging, the engine's loss) is the mean over all tokens.
+Columns at or past `vocab_size` (vocabulary padding) are never part of the softmax. Logits are computed in the weight's dtype and upcast to fp32 for the softmax, as the
 unchunked `lm_head` then `.float()` did, so values match it.
 """
 from __future__ import annotations
@@ -46,6 +49,7 @@ class _HeadLoss(torch.autograd.Function):
         local = local.clamp(0, rows - 1)
         lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        kept = torch.empty(0, device=h.device)  # the logits, when one chunk covers every token
         for s in range(0, h.shape[0], chunk):
             e = min(s + chunk, h.shape[0])
             logits = _chunk_logits(h[s:e], weight, col_limit)
@@ -55,6 +59,7 @@ class _HeadLoss(torch.autograd.Function):
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             sums = torch.stack([(logits - m.unsqueeze(-1)).exp().sum(dim=-1),
                                 logits.gather(-1, local[s:e].unsqueeze(-1)).squeeze(-1).masked_fill(~mine[s:e], 0.0)])
+            kept = logits if h.shape[0] <= chunk else kept
             del logits
             if group is not None:
                 dist.all_reduce(sums, group=group)
@@ -66,13 +71,13 @@ class _HeadLoss(torch.autograd.Function):
             count = count.clamp(min=1.0) / dist.get_world_size(sp_group)
         else:
             count = count.clamp(min=1.0)
-        ctx.save_for_backward(h, weight, lse, local, mine, mask)
+        ctx.save_for_backward(h, weight, lse, local, mine, mask, kept)
         ctx.info = (col_limit, chunk, count)
         return ce_sum / count, (lse.square() * mask).sum() / count
 
     @staticmethod
     def backward(ctx, g_ce, g_z):
-        h, weight, lse, local, mine, mask = ctx.saved_tensors
+        h, weight, lse, local, mine, mask, kept = ctx.saved_tensors
         col_limit, chunk, count = ctx.info
         g_ce = g_ce if g_ce is not None else torch.zeros((), device=h.device)
         g_z = g_z if g_z is not None else torch.zeros((), device=h.device)
@@ -82,7 +87,8 @@ class _HeadLoss(torch.autograd.Function):
         scale = mask / count
         for s in range(0, h.shape[0], chunk):
             e = min(s + chunk, h.shape[0])
-            probs = (_chunk_logits(h[s:e], weight, col_limit) - lse[s:e].unsqueeze(-1)).exp_()
+            logits = kept if kept.numel() else _chunk_logits(h[s:e], weight, col_limit)
+            probs = (logits - lse[s:e].unsqueeze(-1)).exp()
             # d ce/d logit = softmax - onehot(target); d lse²/d logit = 2·lse·softmax; both per token, /count.
             probs.mul_((scale[s:e] * (g_ce + 2.0 * g_z * lse[s:e])).unsqueeze(-1))
             rows = torch.arange(e - s, device=h.device)[mine[s:e]]
