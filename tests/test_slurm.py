@@ -120,9 +120,9 @@ def test_signal_checkpoints_requeues_and_resumes_exactly(cluster, uninterrupted,
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
     assert "caught SIGUSR1" in log and "requeueing (restart 1 of at most 20)" in log
-    stopped = [line for line in log.splitlines() if "stopped by signal at step" in line]
+    stopped = [line for line in log.splitlines() if "stopped by SIGUSR1 at step" in line]
     assert len(stopped) == 1, log[-4000:]
-    stop_step = int(stopped[0].split("stopped by signal at step ")[1].split(";")[0])
+    stop_step = int(stopped[0].split("stopped by SIGUSR1 at step ")[1].split(";")[0])
     assert 8 <= stop_step < 40
     assert f"resumed from global_step{stop_step} at step {stop_step}" in log
     assert "train.sbatch: job " + job + " restart 1/20" in log
