@@ -137,6 +137,22 @@ def read_json(path: str):
         return None
 
 
+def read_json_object(path: str) -> dict | None:
+    """`read_json`, for files that must hold a JSON object (lock holder notes): anything else is None."""
+    value = read_json(path)
+    return value if isinstance(value, dict) else None
+
+
+def process_start(pid) -> str | None:
+    """When process `pid` started (Linux /proc, clock ticks since boot), or None: tells a reused pid from the
+    process that wrote a lock note."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, ValueError, IndexError, TypeError):
+        return None
+
+
 def break_stale_lock(path: str, stale, stale_after_s: float = 30.0) -> None:
     """Remove the O_EXCL lock file `path` if it still holds `stale` (what the caller judged to belong to a dead
     holder). Breakers take turns through `path.break` (O_EXCL), so of two processes that judged the same file stale

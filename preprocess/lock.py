@@ -24,7 +24,7 @@ import os
 import socket
 import time
 
-from pipeline.fs import break_stale_lock
+from pipeline.fs import break_stale_lock, process_start, read_json_object
 
 from .indexed import writing
 
@@ -37,19 +37,10 @@ class FolderBusy(ValueError):
     """Another run holds the folder: a user error (one line, exit 2), not a crash."""
 
 
-def _start_ticks(pid) -> str | None:
-    """When process `pid` started (Linux /proc, in clock ticks since boot): tells a reused pid from the holder."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, ValueError, IndexError, TypeError):
-        return None
-
-
 def _me(what: str) -> dict:
     job = os.environ.get("SLURM_JOB_ID")
     task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return {"what": what, "host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
+    return {"what": what, "host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
             "job": f"{job}_{task}" if job and task else job,
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
@@ -59,15 +50,6 @@ def _describe(info: dict | None) -> str:
         return "another run (holder unknown)"
     job = f", Slurm job {info['job']}" if info.get("job") else ""
     return f"{info.get('what', 'another run')} (pid {info.get('pid')} on {info.get('host')}{job}, since {info.get('since')})"
-
-
-def _read_info(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        return info if isinstance(info, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _alive(pid) -> bool:
@@ -86,7 +68,7 @@ def _is_stale(info: dict | None) -> bool:
     if not info or info.get("host") != socket.gethostname():
         return False
     pid = info.get("pid")
-    return not _alive(pid) or (info.get("start") is not None and _start_ticks(pid) not in (None, info["start"]))
+    return not _alive(pid) or (info.get("start") is not None and process_start(pid) not in (None, info["start"]))
 
 
 def _busy(folder: str, info: dict | None, lock_file: str | None = None) -> FolderBusy:
@@ -119,7 +101,7 @@ def _check_lock_files(folder: str, shared: bool, mine: str | None = None) -> Non
     for path in [base + ".owner"] + ([] if shared else sorted(glob.glob(base + ".part-*"))):
         if path == mine or not os.path.exists(path):
             continue
-        other = _read_info(path)
+        other = read_json_object(path)
         if _is_stale(other):
             _take_over(path, other)
         else:
@@ -137,7 +119,7 @@ def _file_lock(folder: str, shared: bool, info: dict):
             json.dump(info, f)
     else:
         while not _write_new(owner, info):
-            other = _read_info(owner)
+            other = read_json_object(owner)
             if not _is_stale(other):
                 raise _busy(folder, other, owner)
             _take_over(owner, other)
@@ -164,7 +146,7 @@ def folder_lock(folder: str, what: str, shared: bool = False):
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _busy(folder, _read_info(path)) from None
+            raise _busy(folder, read_json_object(path)) from None
         except OSError as e:
             if e.errno not in _NO_FLOCK:
                 raise

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from pipeline.checkpoint import lock as ckpt_lock
+from pipeline.fs import process_start
 from tests.ckpt_runs import committed_steps, log_text, losses, wait_for, write_config
 from tests.conftest import ROOT, run_cli
 from tests.launch import run_ranks, start_ranks, wait_all
@@ -65,7 +66,7 @@ def test_o_excl_takeover_rule(case, gone, monkeypatch):
     info = {
         "this process": _info(),
         "dead pid, this host": _info(pid=dead.pid),
-        "live pid, this host": _info(pid=os.getppid(), started=ckpt_lock._start_time(os.getppid())),
+        "live pid, this host": _info(pid=os.getppid(), started=process_start(os.getppid())),
         "reused pid (other start time)": _info(pid=os.getppid(), started="1"),
         "same Slurm job (a requeue)": _info(host="elsewhere", pid=1, job="77"),
         "other host, other job": _info(host="elsewhere", pid=1, job="78"),

@@ -27,7 +27,7 @@ import os
 import socket
 import time
 
-from ..fs import break_stale_lock
+from ..fs import break_stale_lock, process_start, read_json_object
 
 LOCK_NAME = "LOCK"
 REQUEUE_WAIT_S = 180  # an NFS lock server releases a dead client's locks after its lease (90 s by default)
@@ -47,16 +47,8 @@ def run_id() -> str:
     return "|".join(parts) if any(p.strip(":") for p in parts) else f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 def _me() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()),
             "job": os.environ.get("SLURM_JOB_ID"), "run": run_id(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
@@ -66,15 +58,6 @@ def describe(info: dict | None) -> str:
         return "another run (holder unknown)"
     job = f", Slurm job {info['job']}" if info.get("job") else ""
     return f"a run with pid {info.get('pid')} on {info.get('host')}{job}, since {info.get('since')}"
-
-
-def _read(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        return info if isinstance(info, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def holder_is_gone(info: dict | None) -> bool:
@@ -94,7 +77,7 @@ def holder_is_gone(info: dict | None) -> bool:
         return True
     except (PermissionError, KeyError, TypeError, ValueError):
         return False
-    return info.get("started") is not None and _start_time(int(info["pid"])) != info.get("started")
+    return info.get("started") is not None and process_start(int(info["pid"])) != info.get("started")
 
 
 def _busy(ckpt_dir: str, info: dict | None, path: str | None = None) -> CheckpointDirBusy:
@@ -125,7 +108,7 @@ class CheckpointLock:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    holder = _read(path) or {}
+                    holder = read_json_object(path) or {}
                     if holder.get("job") and holder.get("job") == os.environ.get("SLURM_JOB_ID") and \
                             deadline - time.time() < 2:
                         # our own job before a requeue: dead, but a network filesystem's lock server may hold its
@@ -138,7 +121,7 @@ class CheckpointLock:
                     time.sleep(0.2)
         except BlockingIOError:
             os.close(fd)
-            raise _busy(ckpt_dir, _read(path)) from None
+            raise _busy(ckpt_dir, read_json_object(path)) from None
         except OSError as e:
             os.close(fd)
             if e.errno not in _NO_FLOCK:
@@ -154,7 +137,7 @@ class CheckpointLock:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                other = _read(path)
+                other = read_json_object(path)
                 if not holder_is_gone(other):
                     raise _busy(self.dir, other, path) from None
                 break_stale_lock(path, other)  # of several takers, one removes it; the others see the new file
@@ -163,7 +146,7 @@ class CheckpointLock:
                 json.dump(_me(), f)
             self.owner_file = path
             return
-        raise _busy(self.dir, _read(path), path)
+        raise _busy(self.dir, read_json_object(path), path)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -173,7 +156,7 @@ class CheckpointLock:
             self.fd = None
         if self.owner_file is not None:
             with contextlib.suppress(OSError):
-                if (_read(self.owner_file) or {}).get("pid") == os.getpid():
+                if (read_json_object(self.owner_file) or {}).get("pid") == os.getpid():
                     os.remove(self.owner_file)
             self.owner_file = None
 
@@ -185,7 +168,7 @@ def check_unlocked(ckpt_dir: str, tries: int = 10, wait_s: float = 0.5) -> None:
     for _ in range(tries):
         if not os.path.exists(path) and not os.path.exists(path + ".owner"):
             return
-        info = _read(path + ".owner") if os.path.exists(path + ".owner") else None
+        info = read_json_object(path + ".owner") if os.path.exists(path + ".owner") else None
         if info is None:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -195,7 +178,7 @@ def check_unlocked(ckpt_dir: str, tries: int = 10, wait_s: float = 0.5) -> None:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 return  # nobody holds it
             except OSError:
-                info = _read(path)
+                info = read_json_object(path)
             finally:
                 os.close(fd)
         elif holder_is_gone(info):
